@@ -1,0 +1,40 @@
+"""repsim: representation analysis of vision models (CKA, activation capture, layer surgery).
+
+Data flows model -> activations (``capture``/``extract``, xarray) -> CKA (``MinibatchCKA``/``compare``, xarray)
+-> figure (``heatmap``). Heavy sub-modules are imported on first use so ``import repsim`` stays quick.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Imported eagerly: binding the function ``cka`` here replaces the sub-module attribute of the same name that the
+# import system sets, so ``repsim.cka(x, y)`` is the function while ``repsim.cka`` the module stays importable.
+from repsim.cka import MinibatchCKA, cka, gram_vector  # noqa: E402
+
+_LAZY = {
+    "capture": "repsim.capture",
+    "extract": "repsim.capture",
+    "compare": "repsim.compare",
+    "compare_many": "repsim.compare",
+    "cka_matrix": "repsim.compare",
+    "heatmap": "repsim.plot",
+    "heatmap_grid": "repsim.plot",
+}
+
+__all__ = sorted([*_LAZY, "MinibatchCKA", "cka", "gram_vector"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'repsim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

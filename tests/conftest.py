@@ -1,0 +1,30 @@
+"""Shared fixtures: offline hub, small thread count, and the real medical data under ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path:
+    env = os.environ.get("REPSIM_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """Root of the real medical data (MedMNIST npz, HAM10000 sample, NIH CXR14); skip when absent."""
+    root = _data_root()
+    if not (root / "medmnist" / "retinamnist.npz").exists():
+        pytest.skip(f"real medical data not found under {root} (set REPSIM_DATA to its folder)")
+    return root
