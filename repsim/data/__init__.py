@@ -1,0 +1,1 @@
+"""repsim.data (being built)."""

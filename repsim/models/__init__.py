@@ -1,0 +1,1 @@
+"""repsim.models (being built)."""

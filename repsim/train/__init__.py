@@ -1,0 +1,1 @@
+"""repsim.train (being built)."""
