@@ -90,7 +90,8 @@ def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     xc = x - x.mean(0, keepdim=True)
     sq = (xc * xc).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * (xc @ xc.T)).clamp_min_(0)  # rounding can give -0; distances are >= 0
-    med = torch.median(d2)
+    v = d2.reshape(-1).sort().values
+    med = (v[(v.numel() - 1) // 2] + v[v.numel() // 2]) / 2  # the usual median (mean of the middle two), as numpy
     if float(med) == 0.0:
         return torch.full_like(d2, float("nan"))
     return torch.exp(-d2 / (2 * threshold**2 * med))
