@@ -1,0 +1,379 @@
+"""Activation capture on forward hooks (``capture``) and dataset-wide extraction to xarray / zarr (``extract``).
+
+``capture`` hooks named modules, pools their outputs and keeps them detached in a dict-like ``Activations`` that is
+refilled on every call of the model. A module called k > 1 times in one forward pass yields ``name#0`` ...
+``name#{k-1}``. Pooling policy for token outputs ``(B, N, C)``: ``cls`` (token 0), ``mean`` (patch tokens only: the
+``num_prefix_tokens`` class/register tokens are skipped), ``flatten`` (tokens x channels as features), ``tokens``
+(kept as ``(B, N, C)``); for feature maps ``(B, C, H, W)`` / ``(B, H, W, C)``: ``gap`` (spatial mean) and ``flatten``.
+Outputs that are already ``(B, C)`` pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+from tqdm.auto import tqdm
+
+Pool = Literal["flatten", "cls", "mean", "tokens", "gap"]
+POOLS: tuple[str, ...] = ("flatten", "cls", "mean", "tokens", "gap")
+Layout = Literal["auto", "NCHW", "NHWC"]
+
+
+# ---------------------------------------------------------------------------------------------- layer selection
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Dotted-name glob: ``*`` and ``?`` stay within one name component, ``**`` crosses dots, ``[...]`` as fnmatch."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^.]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            j = pattern.index("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)
+            out.append(fnmatch.translate(pattern[i : j + 1])[4:-3])
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """Module names selected by exact names and/or glob patterns, in the model's module order.
+
+    Patterns match whole dotted names; ``*`` does not cross a dot, so ``"blocks.*"`` selects ``blocks.0``,
+    ``blocks.1``, ... but not ``blocks.0.attn``; ``**`` crosses dots (``"**.attn"``). Raises ``ValueError`` listing close matches (difflib) for any name or pattern that matches nothing.
+    """
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns:
+        raise ValueError("no layers given")
+    names = [n for n, _ in model.named_modules() if n]
+    selected: set[str] = set()
+    for pat in patterns:
+        rx = _glob_regex(pat)
+        hits = [pat] if pat in names else [n for n in names if rx.match(n)]
+        if not hits:
+            close = difflib.get_close_matches(pat, names, n=5, cutoff=0.5)
+            if not close:  # a pattern such as 'block.*' is closer to names' prefixes than to whole names
+                stem = pat.split("*")[0].split("?")[0].split("[")[0].rstrip(".")
+                close = difflib.get_close_matches(stem, names, n=5, cutoff=0.5)
+            hint = f"; close matches: {', '.join(close)}" if close else f"; the model has {len(names)} modules, e.g. {', '.join(names[:5])}"
+            raise ValueError(f"layer {pat!r} matches no module of {type(model).__name__}{hint}")
+        selected.update(hits)
+    return [n for n in names if n in selected]
+
+
+# ---------------------------------------------------------------------------------------------------- pooling
+def output_tensor(output: Any, name: str) -> torch.Tensor:
+    """The representation tensor inside a module output: a tensor, the first tensor of a tuple/list, or a dict /
+    HF ``ModelOutput``'s ``last_hidden_state`` (else its first tensor value)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if isinstance(output.get("last_hidden_state"), torch.Tensor):
+            return output["last_hidden_state"]
+        values: Iterable[Any] = output.values()
+    elif isinstance(output, (tuple, list)):
+        values = output
+    else:
+        values = ()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"layer {name!r}: cannot find a tensor in its output of type {type(output).__name__}")
+
+
+def pool_tensor(t: torch.Tensor, pool: Pool, *, name: str = "layer", num_prefix_tokens: int = 0, layout: Layout = "auto") -> torch.Tensor:
+    """Pool one layer output ``t`` (B, ...) per the module-level policy; ``name`` is used in error messages."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if t.ndim == 2:
+        return t
+    if pool == "flatten":
+        return t.reshape(t.shape[0], -1)
+    if t.ndim == 3:
+        if pool == "tokens":
+            return t
+        if pool == "cls":
+            if num_prefix_tokens < 1:
+                raise ValueError(f"layer {name!r}: pool='cls' but the model has no class/prefix token (num_prefix_tokens=0)")
+            return t[:, 0]
+        if pool == "mean":
+            if t.shape[1] <= num_prefix_tokens:
+                raise ValueError(f"layer {name!r}: {t.shape[1]} tokens leave no patch token after {num_prefix_tokens} prefix tokens")
+            return t[:, num_prefix_tokens:].mean(1)
+        raise ValueError(f"layer {name!r}: pool='gap' is for (B, C, H, W) maps, this output is tokens {tuple(t.shape)}; use 'mean'")
+    if t.ndim == 4:
+        if pool == "gap":
+            return t.mean((1, 2) if _channels_last(t, layout) else (2, 3))
+        raise ValueError(f"layer {name!r}: pool={pool!r} is for token outputs, this output is a feature map {tuple(t.shape)}; use 'gap' or 'flatten'")
+    raise ValueError(f"layer {name!r}: pool={pool!r} does not apply to an output of shape {tuple(t.shape)}; use 'flatten'")
+
+
+def _channels_last(t: torch.Tensor, layout: Layout) -> bool:
+    """NHWC when asked, or (auto) when dims 1 and 2 are square but 2 and 3 are not; square-spatial NCHW otherwise."""
+    if layout != "auto":
+        return layout == "NHWC"
+    return t.shape[1] == t.shape[2] and t.shape[2] != t.shape[3]
+
+
+def model_prefix_tokens(model: nn.Module) -> int:
+    """Class + register tokens before the patch tokens: ``model.num_prefix_tokens`` (timm, repsim Backbone), else 1
+    when the model has a ``cls_token``, else 0."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if n is not None:
+        return int(n)
+    return 1 if getattr(model, "cls_token", None) is not None else 0
+
+
+# ------------------------------------------------------------------------------------------------------ capture
+class Activations(Mapping[str, Any]):
+    """Captured outputs of the current forward pass: ``{name: value}``, or ``name#k`` for a module called k > 1 times.
+
+    Refilled at the start of every call of the captured model; ``clear()`` starts over when only submodules are
+    called directly (calls then accumulate as ``name#k``).
+    """
+
+    def __init__(self, order: Sequence[str]) -> None:
+        self._order = list(order)
+        self._calls: dict[str, list[Any]] = {}
+
+    def clear(self) -> None:
+        """Forget everything captured so far."""
+        self._calls = {}
+
+    def _add(self, name: str, value: Any) -> None:
+        self._calls.setdefault(name, []).append(value)
+
+    def _items(self) -> Iterator[tuple[str, Any]]:
+        for name in self._order:
+            calls = self._calls.get(name, [])
+            if len(calls) == 1:
+                yield name, calls[0]
+            else:
+                yield from ((f"{name}#{k}", v) for k, v in enumerate(calls))
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items():
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items())
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._calls.values())
+
+    def __repr__(self) -> str:
+        return "Activations({" + ", ".join(f"{k!r}: {tuple(getattr(v, 'shape', ()))}" for k, v in self._items()) + "})"
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    layers: str | Sequence[str],
+    pool: Pool = "flatten",
+    *,
+    num_prefix_tokens: int | None = None,
+    layout: Layout = "auto",
+    transform: Callable[[str, torch.Tensor], Any] | None = None,
+    eval_mode: bool = True,
+) -> Iterator[Activations]:
+    """Hook ``layers`` of ``model`` and yield an ``Activations`` mapping filled on each forward pass.
+
+    Outputs are detached and pooled (see module docstring); ``num_prefix_tokens`` defaults to the model's.
+    ``transform(name, pooled)`` runs inside the hook (e.g. ``gram_vector``) and its result is stored instead, so the
+    activation itself is dropped at once. ``eval_mode`` puts the model in eval mode while capturing. On exit, even
+    after an exception, every hook is removed and each module's train/eval flag restored.
+    """
+    names = resolve_layers(model, layers)
+    modules = dict(model.named_modules())
+    prefix = model_prefix_tokens(model) if num_prefix_tokens is None else int(num_prefix_tokens)
+    acts = Activations(names)
+    modes = {m: m.training for m in model.modules()}
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            t = pool_tensor(output_tensor(output, name).detach(), pool, name=name, num_prefix_tokens=prefix, layout=layout)
+            acts._add(name, t if transform is None else transform(name, t))
+
+        return hook
+
+    try:
+        handles.append(model.register_forward_pre_hook(lambda *_: acts.clear()))
+        handles.extend(modules[n].register_forward_hook(make_hook(n)) for n in names)
+        if eval_mode:
+            model.eval()
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+
+
+# ------------------------------------------------------------------------------------------------------ extract
+def split_batch(batch: Any) -> tuple[torch.Tensor, Any]:
+    """(inputs, labels or None) from a loader item: ``(x, y, ...)``, ``{"image"/"x", "label"/"y"}`` or ``x``."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in ("image", "pixel_values", "x") if k in batch), None)
+        if x is None:
+            raise TypeError(f"a dict batch needs an 'image', 'pixel_values' or 'x' key, got {list(batch)}")
+        return x, next((batch[k] for k in ("label", "labels", "y") if k in batch), None)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(f"loader items must be a tensor, an (x, y) pair or a dict, got {type(batch).__name__}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a parameter-free model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def prepare_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Move ``x`` to the model's device and floating dtype."""
+    p = next(model.parameters(), None)
+    if p is None:
+        return x
+    return x.to(p.device, p.dtype if x.is_floating_point() and p.is_floating_point() else x.dtype)
+
+
+def _batch_dataset(acts: Mapping[str, torch.Tensor], labels: Any, start: int, n: int) -> xr.Dataset:
+    """One batch of pooled activations as a Dataset: dims (sample, <layer>:token?, <layer>:feature)."""
+    data = {}
+    for name, t in acts.items():
+        if t.shape[0] != n:
+            raise ValueError(f"layer {name!r}: output has {t.shape[0]} rows for a batch of {n} samples")
+        a = t.float().cpu().numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.cpu().numpy()
+        dims = ("sample", f"{name}:feature") if a.ndim == 2 else ("sample", f"{name}:token", f"{name}:feature")
+        if a.ndim > 3:
+            raise ValueError(f"layer {name!r}: cannot store pooled output of shape {a.shape}")
+        data[name] = (dims, a)
+    coords: dict[str, Any] = {"sample": np.arange(start, start + n)}
+    if labels is not None:
+        lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+        coords["label"] = ("sample",) + tuple(f"label_dim{i}" for i in range(1, lab.ndim)), lab
+    return xr.Dataset(data, coords=coords)
+
+
+def _stored_samples(store: Path) -> int:
+    """Samples safely on disk in ``store``: the shortest sample axis; longer arrays (a write cut short between
+    variables) are truncated to it so that the resume appends neither duplicates nor gaps."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r+")
+    arrays = {k: a for k, a in group.arrays() if "sample" in _dims(a)}
+    if "sample" not in arrays:
+        raise ValueError(f"{store} is not a repsim extraction (no 'sample' array); remove it or choose another path")
+    n = min(a.shape[0] for a in arrays.values())
+    for a in arrays.values():
+        if a.shape[0] != n:
+            a.resize((n, *a.shape[1:]))
+    if not np.array_equal(arrays["sample"][:], np.arange(n)):
+        raise ValueError(f"{store}: the stored 'sample' coordinate is not 0..{n - 1}; cannot resume safely")
+    return n
+
+
+def _dims(array: Any) -> tuple[str, ...]:
+    """Dimension names of a zarr array written by xarray (zarr v3 metadata or the v2 ``_ARRAY_DIMENSIONS`` attr)."""
+    return tuple(getattr(array.metadata, "dimension_names", None) or array.attrs.get("_ARRAY_DIMENSIONS", ()))
+
+
+def extract(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    layers: str | Sequence[str],
+    pool: Pool = "flatten",
+    store: str | os.PathLike[str] | None = None,
+    num_prefix_tokens: int | None = None,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Run ``loader`` through ``model`` and return every selected layer's pooled activations as an xarray Dataset.
+
+    One variable per layer with dims ``(sample, <layer>:feature)`` (``pool="tokens"``: ``(sample, <layer>:token,
+    <layer>:feature)``), a running ``sample`` index and, when the loader yields labels, a ``label`` coordinate.
+    With ``store="x.zarr"`` each batch is appended to a zarr store as it is computed (memory stays one batch) and the
+    returned Dataset reads lazily from it. If the store already holds the first m samples (an interrupted run) those
+    are skipped, so re-running the same call completes it with no sample lost or duplicated; the loader must yield
+    samples in the same order (no shuffling).
+    """
+    path = None if store is None else Path(store)
+    attrs = {"pool": pool, "model": str(getattr(model, "name", type(model).__name__))}
+    done = 0
+    if path is not None and path.exists():
+        stored = xr.open_zarr(path, consolidated=False, chunks=None)
+        if stored.attrs.get("pool") != pool or stored.attrs.get("model") != attrs["model"]:
+            raise ValueError(f"{path} holds an extraction with {dict(stored.attrs)}, not {attrs}; remove it or choose another path")
+        done = _stored_samples(path)
+    parts: list[xr.Dataset] = []
+    start = 0
+    checked = False
+    with capture(model, layers, pool, num_prefix_tokens=num_prefix_tokens) as acts, torch.no_grad():
+        for batch in tqdm(loader, desc="extract", unit="batch", disable=not progress):
+            x, y = split_batch(batch)
+            n = x.shape[0]
+            if start + n <= done:  # already on disk
+                start += n
+                continue
+            model(prepare_input(x, model))
+            ds = _batch_dataset(acts, y, start, n)
+            ds.attrs.update(attrs, layers=list(ds.data_vars))  # appends rewrite the store's attrs
+            if start < done:  # a batch straddling the resume point (different batch size than before)
+                ds = ds.isel(sample=slice(done - start, None))
+            start += n
+            if path is None:
+                parts.append(ds)
+            elif not path.exists():
+                _first_write(ds, path)
+            else:
+                if not checked:
+                    _check_layers(path, ds)
+                    checked = True
+                ds.to_zarr(path, append_dim="sample", consolidated=False)
+    if path is not None:
+        if not path.exists():
+            raise ValueError("the loader yielded no samples")
+        stored = xr.open_zarr(path, consolidated=False, chunks=None)
+        return stored[list(stored.attrs["layers"])]
+    if not parts:
+        raise ValueError("the loader yielded no samples")
+    return xr.concat(parts, dim="sample", combine_attrs="override")
+
+
+def _first_write(ds: xr.Dataset, path: Path) -> None:
+    """Create the store; written under a temporary name and renamed, so a store that exists is a valid one."""
+    tmp = path.with_name(path.name + ".tmp")
+    encoding = {k: {"chunks": v.shape} for k, v in ds.variables.items() if "sample" in v.dims}
+    ds.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
+    os.replace(tmp, path)
+
+
+def _check_layers(path: Path, ds: xr.Dataset) -> None:
+    stored = xr.open_zarr(path, consolidated=False, chunks=None)
+    if set(stored.data_vars) != set(ds.data_vars):
+        raise ValueError(f"{path} holds layers {list(stored.data_vars)}, this extraction {list(ds.data_vars)}")
