@@ -31,7 +31,7 @@ BATCH_WEIGHTING = "each batch's HSIC is normalised by its own size (1/(n(n-3)) o
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-def _as_matrix(x: Any, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _as_matrix(x: Any, name: str, dtype: torch.dtype | None = None, check: bool = True) -> torch.Tensor:
     """(n, ...) tensor/array -> (n, d) tensor with trailing dims flattened; rejects NaN/Inf naming ``name``."""
     t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if t.ndim < 1:
@@ -41,9 +41,14 @@ def _as_matrix(x: Any, name: str, dtype: torch.dtype | None = None) -> torch.Ten
         t = t.to(dtype)
     elif not t.is_floating_point() or t.element_size() < 4:
         t = t.to(torch.float32)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: activations contain NaN or Inf")
+    if check:
+        _check_finite(t, name)
     return t
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: activations contain NaN or Inf (or overflow their Gram matrix)")
 
 
 def _check_n(n: int, estimator: Estimator, what: str) -> None:
@@ -113,10 +118,12 @@ def gram_vector(x: Any, *, name: str = "activations", estimator: Estimator = "un
     by sqrt(2): half the memory and half the matmul of the full n^2 vector. The biased Gram keeps its diagonal too.
     ``x`` is (n, ...) in any float dtype; the Gram is formed in max(float32, dtype) after centring the features.
     """
-    t = _as_matrix(x, name)
+    t = _as_matrix(x, name, check=False)
     n = t.shape[0]
     _check_n(n, estimator, name)
-    k = centre_gram(linear_gram(t), estimator)
+    k = linear_gram(t)
+    _check_finite(k, name)  # NaN/Inf in any feature reaches every Gram entry through the centring: O(n^2), not O(nd)
+    k = centre_gram(k, estimator)
     key = (n, str(k.device))
     idx = _TRI_CACHE.get(key)
     if idx is None:
