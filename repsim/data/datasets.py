@@ -108,9 +108,15 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img = self.load(i)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 7_919 + int(self.indices[i])) % 2**63)
+        # torchvision's random transforms draw from the default CPU generator: seed it for this sample, then
+        # restore it so the caller's stream (dropout, shuffling) is untouched.
+        gen = torch.default_generator
+        saved = gen.get_state()
+        gen.manual_seed((self.seed * 1_000_003 + self.epoch * 7_919 + int(self.indices[i])) % 2**63)
+        try:
             x = self.transform(img)
+        finally:
+            gen.set_state(saved)
         return x, self.target(i)
 
 
