@@ -280,12 +280,16 @@ def _batch_dataset(acts: Mapping[str, torch.Tensor], labels: Any, start: int, n:
     return xr.Dataset(data, coords=coords)
 
 
-def _stored_samples(store: Path) -> int:
+def _stored_samples(store: Path, attrs: Mapping[str, Any]) -> int:
     """Samples safely on disk in ``store``: the shortest sample axis; longer arrays (a write cut short between
-    variables) are truncated to it so that the resume appends neither duplicates nor gaps."""
+    variables) are truncated to it so that the resume appends neither duplicates nor gaps. The store must come from
+    the same model and pooling (``attrs``)."""
     import zarr
 
     group = zarr.open_group(str(store), mode="r+")
+    stored = {k: group.attrs.get(k) for k in attrs}
+    if stored != dict(attrs):
+        raise ValueError(f"{store} holds an extraction with {stored}, not {dict(attrs)}; remove it or choose another path")
     arrays = {k: a for k, a in group.arrays() if "sample" in _dims(a)}
     if "sample" not in arrays:
         raise ValueError(f"{store} is not a repsim extraction (no 'sample' array); remove it or choose another path")
@@ -326,10 +330,7 @@ def extract(
     attrs = {"pool": pool, "model": str(getattr(model, "name", type(model).__name__))}
     done = 0
     if path is not None and path.exists():
-        stored = xr.open_zarr(path, consolidated=False, chunks=None)
-        if stored.attrs.get("pool") != pool or stored.attrs.get("model") != attrs["model"]:
-            raise ValueError(f"{path} holds an extraction with {dict(stored.attrs)}, not {attrs}; remove it or choose another path")
-        done = _stored_samples(path)
+        done = _stored_samples(path, attrs)
     parts: list[xr.Dataset] = []
     start = 0
     checked = False
