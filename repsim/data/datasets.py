@@ -53,6 +53,7 @@ class DatasetInfo:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    warmup: tuple[str, int] = ("epochs", 5)  # the paper code's per-dataset linear warmup: ("epochs"|"iters", n)
 
     @property
     def num_classes(self) -> int:
@@ -295,7 +296,8 @@ def isic2019(root: Path, csv: str = "ISIC_2019_Training_GroundTruth.csv",
             lesion = meta["lesion_id"].reindex(df["image"])
             groups = lesion.fillna(pd.Series(df["image"].to_numpy(), index=lesion.index)).astype(str).to_numpy()
     info = DatasetInfo("isic2019", "multiclass", names, 3, "balanced_accuracy",
-                       (0.66776717, 0.52960888, 0.52434725), (0.22381877, 0.20363036, 0.21538623))
+                       (0.66776717, 0.52960888, 0.52434725), (0.22381877, 0.20363036, 0.21538623),
+                       warmup=("iters", 1000))
     return Source(images, onehot.argmax(1).astype(np.int64), df["image"].tolist(), info, groups)
 
 
@@ -317,7 +319,8 @@ def chexpert(root: Path, csv: str = "train.csv", uncertain: str = "zeros", front
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(images)} CheXpert images not found, e.g. {missing[:3]}")
     patients = rel.str.extract(r"(patient\d+)", expand=False)
-    info = DatasetInfo("chexpert", "multilabel", list(CHEXPERT_LABELS), 1, "auc", (0.503,), (0.292,))
+    info = DatasetInfo("chexpert", "multilabel", list(CHEXPERT_LABELS), 1, "auc", (0.503,), (0.292,),
+                       warmup=("iters", 1000))
     return Source(images, labels.to_numpy(np.float32), rel.tolist(), info, patients.fillna(rel).to_numpy())
 
 

@@ -1,0 +1,286 @@
+"""One fine-tuning run, top to bottom: data -> model -> AdamW with warmup and plateau drops -> best checkpoint on
+validation -> test metrics of the best checkpoint.
+
+Runs on CPU or CUDA (AMP only on CUDA) and under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU). Every epoch ends
+with an atomic ``checkpoints/last.pt`` holding model, optimizer, scaler, schedule counters and RNG states; the data
+order and the augmentation are functions of (seed, epoch), so ``resume=True`` continues exactly where a killed run
+stopped. The run directory layout is the trainer contract (see ``repsim.train``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm.auto import tqdm
+
+from repsim import models
+from repsim.data import Data, prepare
+from repsim.metrics import compute_metrics
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file then rename, so a crash never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size), initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups: no weight decay on biases and other 1-D parameters (norms)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(cfg: dict[str, Any], data: Data) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The classifier of ``cfg["model"]`` for ``data`` and the ``model.json`` record that rebuilds it."""
+    mc = cfg["model"]
+    kwargs = dict(mc["kwargs"] or {})
+    img_size = int(kwargs.pop("img_size", cfg["data"].get("img_size", 224)))
+    in_chans = int(kwargs.pop("in_chans", data.info.channels))
+    if in_chans != data.info.channels:
+        raise ValueError(f"dataset {data.info.name!r} gives {data.info.channels}-channel images but the model expects "
+                         f"in_chans={in_chans}; set data.channels={in_chans} to convert the images")
+    backbone = models.create(mc["name"], pretrained=bool(mc["pretrained"]), checkpoint=mc["checkpoint"],
+                             img_size=img_size, in_chans=in_chans, **kwargs)
+    model = models.build_classifier(backbone, mc["scenario"], data.info.num_classes,
+                                    freeze_blocks=mc["freeze_blocks"], decapitate=mc["decapitate"])
+    record = {"name": mc["name"], "kwargs": kwargs, "img_size": img_size, "in_chans": in_chans,
+              "scenario": mc["scenario"], "num_classes": data.info.num_classes,
+              "freeze_blocks": mc["freeze_blocks"], "decapitate": mc["decapitate"]}
+    return model, record
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_size: int, device: torch.device,
+            task: str, amp_dtype: torch.dtype | None, num_workers: int, rank: int, world: int,
+            desc: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Probabilities, targets (dataset order, gathered over processes) and seconds spent in forward passes."""
+    model.eval()
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    probs, targets, seconds = [], [], 0.0
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=rank != 0):
+        x = x.to(device, non_blocking=True)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x).float()
+        p = torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+        probs.append(p.cpu().numpy().astype(np.float64))
+        targets.append(y.numpy())
+    probs, targets = np.concatenate(probs), np.concatenate(targets)
+    if world > 1:  # shard r holds samples r, r+world, ...; interleave them back into dataset order
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (probs, targets, seconds))
+        probs, targets = np.empty((len(dataset), probs.shape[1])), np.empty((len(dataset), *targets.shape[1:]))
+        for r, (p, t, _) in enumerate(parts):
+            probs[r::world], targets[r::world] = p, t
+        seconds = max(part[2] for part in parts)
+    return probs, targets, seconds
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | None = None, resume: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Train one resolved config into ``run_dir`` and return its summary (also written to ``summary.json``)."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    rank, world = distributed()
+    main = rank == 0
+    tc = cfg["train"]
+    if tc["batch_size"] % world:
+        raise ValueError(f"train.batch_size={tc['batch_size']} is not divisible by {world} processes")
+    if (ckpt_dir / "last.pt").exists() and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or use another --out")
+    device = pick_device(tc["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed = int(tc["seed"])
+    seed_everything(seed)
+
+    # --- data: the split is fixed by data.split_seed, the augmentation and order by the training seed
+    data = prepare(cfg["data"], data_root, seed=seed)
+    task, metric_name = data.info.task, tc["metric"] or data.info.metric
+    train_set = data.datasets["train"]
+
+    # --- model (same init on every process: same seed) and its starting weights for CKA
+    model, model_record = build_model(cfg, data)
+    model.to(device)
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write(run_dir / "model.json", json.dumps(model_record, indent=2))
+        data.write_split(run_dir / "split.json", cfg["data"].get("split_seed"))
+        if not (run_dir / "backbone_init.pt").exists():
+            atomic_save(model.backbone.state_dict(), run_dir / "backbone_init.pt")
+
+    # --- optimisation: AdamW, linear warmup per iteration, ÷10 per plateau; AMP (bf16, else fp16 + scaler) on CUDA
+    optimizer = torch.optim.AdamW(param_groups(model, tc["weight_decay"]), lr=tc["lr"])
+    amp_dtype = None
+    if tc["amp"] and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = F.binary_cross_entropy_with_logits if task == "multilabel" else F.cross_entropy
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    loader = DataLoader(train_set, batch_size=tc["batch_size"] // world, sampler=sampler,
+                        num_workers=tc["num_workers"], pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if tc["warmup_iters"] is not None or tc["warmup_epochs"] is not None:
+        warmup = tc["warmup_iters"] if tc["warmup_iters"] is not None else tc["warmup_epochs"] * steps_per_epoch
+    else:
+        unit, n = data.info.warmup
+        warmup = n if unit == "iters" else n * steps_per_epoch
+    eval_kw = {"batch_size": tc["eval_batch_size"] or tc["batch_size"], "device": device, "task": task,
+               "amp_dtype": amp_dtype, "num_workers": tc["num_workers"], "rank": rank, "world": world}
+
+    # --- state that a resume restores
+    state = {"epoch": 0, "iteration": 0, "best": None, "best_epoch": None, "best_iteration": None,
+             "bad_epochs": 0, "plateaus": 0, "train_seconds": 0.0}
+    if resume and (ckpt_dir / "last.pt").exists():
+        ckpt = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = ckpt["state"]
+        set_rng_state(ckpt["rng"])
+    if main:  # metrics of epochs after the checkpoint (a crash between the two writes) are recomputed
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        atomic_write(run_dir / "metrics.jsonl", "".join(ln + "\n" for ln in lines[:state["epoch"]]))
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+
+    stop = state["plateaus"] >= tc["max_plateaus"]
+    for epoch in range(state["epoch"], tc["epochs"]):
+        if stop:
+            break
+        start = time.perf_counter()
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (main and progress)):
+            lr = tc["lr"] * min(1.0, (state["iteration"] + 1) / max(1, warmup)) * 0.1 ** state["plateaus"]
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(net(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+            state["iteration"] += 1
+        state["train_seconds"] += time.perf_counter() - start
+
+        # --- validate; keep the best; a plateau of `patience` epochs divides the LR by 10 or ends the run
+        probs, targets, _ = predict(model, data.datasets["val"], desc="val", **eval_kw)
+        val = compute_metrics(task, targets, probs, data.info.classes)
+        value = val[metric_name]
+        improved = state["best"] is None or (not math.isnan(value) and (math.isnan(state["best"]) or
+                                                                         value > state["best"]))
+        if improved:
+            state.update(best=value, best_epoch=epoch, best_iteration=state["iteration"], bad_epochs=0)
+            if main:
+                atomic_save({"model": model.state_dict(), "epoch": epoch, metric_name: value}, ckpt_dir / "best.pt")
+                atomic_save(model.backbone.state_dict(), run_dir / "backbone_best.pt")
+        else:
+            state["bad_epochs"] += 1
+            if state["bad_epochs"] >= tc["patience"]:
+                state.update(plateaus=state["plateaus"] + 1, bad_epochs=0)
+                stop = state["plateaus"] >= tc["max_plateaus"]
+        state["epoch"] = epoch + 1
+        if main:
+            record = {"epoch": epoch, "iteration": state["iteration"], "lr": lr,
+                      "train_loss": float(loss_sum) / steps_per_epoch,
+                      "seconds": time.perf_counter() - start, **{f"val_{k}": v for k, v in val.items()}}
+            with open(run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "state": state, "rng": rng_state()}, ckpt_dir / "last.pt")
+        if world > 1:
+            dist.barrier()
+
+    # --- test the best checkpoint
+    best = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
+    model.load_state_dict(best["model"])
+    probs, targets, seconds = predict(model, data.datasets["test"], desc="test", **eval_kw)
+    summary = {
+        "dataset": data.info.name, "task": task, "metric": metric_name, "model": cfg["model"]["name"],
+        "scenario": cfg["model"]["scenario"], "freeze_blocks": cfg["model"]["freeze_blocks"],
+        "decapitate": cfg["model"]["decapitate"], "img_size": model_record["img_size"],
+        "lr": tc["lr"], "seed": seed, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+        "iterations_to_best": state["best_iteration"], "val": {metric_name: state["best"]},
+        "test": compute_metrics(task, targets, probs, data.info.classes),
+        "inference_ms_per_image": 1000.0 * seconds / len(targets), "train_seconds": state["train_seconds"],
+        "world_size": world, "device": str(device),
+    }
+    if main:
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary

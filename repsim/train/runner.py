@@ -1,0 +1,126 @@
+"""Experiments from specs: every grid point of a spec, an LR search on seed 0, then ``seeds`` repeats -> mean ± std.
+
+Layout under ``out``::
+
+    <out>/<spec name>/<grid point>/lr<lr>/seed<k>/   one run directory (see repsim.train.loop)
+    <out>/<spec name>/<grid point>/results.json      selected LR, LR search, test metrics mean/std over seeds
+    <out>/<spec name>/<grid point>/knn.json          k-NN metrics (kind: knn)
+
+A run directory that already has ``summary.json`` is reused, so an interrupted experiment restarted with
+``resume=True`` only redoes what is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from repsim.train.config import expand, load_spec, parse_overrides
+from repsim.train.loop import atomic_write, build_model, distributed, pick_device, train
+
+
+def _run_dir(exp_dir: Path, lr: float, seed: int) -> Path:
+    return exp_dir / f"lr{lr:g}" / f"seed{seed}"
+
+
+def _train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | None, resume: bool,
+                    progress: bool) -> dict[str, Any]:
+    if (run_dir / "summary.json").exists():
+        return json.loads((run_dir / "summary.json").read_text())
+    return train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
+
+
+def aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{metric: {"mean", "std", "values"}}`` over runs (sample std, ddof=1; 0 for one run; NaN values kept)."""
+    keys = [k for k in summaries[0]["test"] if all(k in s["test"] for s in summaries)]
+    out = {}
+    for key in keys:
+        values = [float(s["test"][key]) for s in summaries]
+        out[key] = {"mean": float(np.mean(values)),
+                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "values": values}
+    return out
+
+
+def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None = None,
+                   resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """LR search (seed 0, best validation metric) then ``train.seeds`` repeats of one resolved config."""
+    tc = cfg["train"]
+    grid = list(tc["lr_grid"] or [tc["lr"]])
+    search = {}
+    for lr in grid if len(grid) > 1 else []:
+        c = copy.deepcopy(cfg)
+        c["train"].update(lr=float(lr), seed=0)
+        s = _train_or_reuse(c, _run_dir(exp_dir, lr, 0), data_root, resume, progress)
+        search[f"{lr:g}"] = s["val"][s["metric"]]
+    best_lr = float(grid[0]) if not search else float(
+        max(search, key=lambda k: -math.inf if math.isnan(search[k]) else search[k]))
+    summaries = []
+    for seed in range(tc["seeds"]):
+        c = copy.deepcopy(cfg)
+        c["train"].update(lr=best_lr, seed=seed)
+        summaries.append(_train_or_reuse(c, _run_dir(exp_dir, best_lr, seed), data_root, resume, progress))
+    first = summaries[0]
+    results = {"dataset": first["dataset"], "model": first["model"], "scenario": first["scenario"],
+               "freeze_blocks": first["freeze_blocks"], "decapitate": first["decapitate"],
+               "img_size": first["img_size"], "metric": first["metric"], "lr": best_lr, "lr_search": search,
+               "seeds": list(range(tc["seeds"])), "test": aggregate(summaries),
+               "iterations_to_best": aggregate([{"test": {"v": s["iterations_to_best"]}} for s in summaries])["v"],
+               "inference_ms_per_image": aggregate(
+                   [{"test": {"v": s["inference_ms_per_image"]}} for s in summaries])["v"]}
+    if distributed()[0] == 0:
+        atomic_write(exp_dir / "results.json", json.dumps(results, indent=2))
+    return results
+
+
+def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None = None) -> dict[str, Any]:
+    """k-NN metrics (test split, train split as the bank) of the frozen backbone of ``cfg``."""
+    from repsim.data import prepare
+    from repsim.knn import knn_evaluate
+
+    data = prepare(cfg["data"], data_root, seed=int(cfg["train"]["seed"]))
+    torch.manual_seed(int(cfg["train"]["seed"]))
+    model, record = build_model(cfg, data)
+    kc = cfg["knn"]
+    loaders = {s: torch.utils.data.DataLoader(data.datasets[s], batch_size=kc["batch_size"],
+                                              num_workers=cfg["train"]["num_workers"]) for s in ("train_eval", "test")}
+    metrics = knn_evaluate(model.backbone, loaders["train_eval"], loaders["test"], task=data.info.task,
+                           num_classes=data.info.num_classes, k=kc["k"], temperature=kc["temperature"],
+                           label_names=data.info.classes, device=pick_device(cfg["train"]["device"]))
+    result = {"dataset": data.info.name, "model": cfg["model"]["name"], "scenario": "knn",
+              "metric": cfg["train"]["metric"] or data.info.metric, "k": kc["k"], "temperature": kc["temperature"],
+              "img_size": record["img_size"], "test": {k: {"mean": v, "std": 0.0, "values": [v]}
+                                                       for k, v in metrics.items()}}
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write(exp_dir / "knn.json", json.dumps(result, indent=2))
+    return result
+
+
+def run(spec: str | Path | Mapping[str, Any], *, data_root: str | Path | None = None, out: str | Path = "runs",
+        overrides: Iterable[str] | Mapping[str, Any] = (), resume: bool = False, kind: str | None = None,
+        progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Run every experiment of ``spec`` (file, packaged name or dict); returns ``{grid point: results}``.
+
+    ``overrides`` are ``"key=value"`` strings or a ``{dotted key: value}`` mapping; ``kind`` forces train or knn.
+    """
+    spec = load_spec(spec)
+    if kind is not None:
+        spec["kind"] = kind
+    parsed = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    root = Path(out) / spec.get("name", "run")
+    results = {}
+    for name, cfg in expand(spec, parsed):
+        exp_dir = root / name
+        if cfg["kind"] == "knn":
+            results[name] = run_knn(cfg, exp_dir, data_root=data_root)
+        else:
+            results[name] = run_experiment(cfg, exp_dir, data_root=data_root, resume=resume, progress=progress)
+    return results
