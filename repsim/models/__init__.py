@@ -1,1 +1,11 @@
-"""repsim.models (being built)."""
+"""The paper's model zoo behind one ``Backbone`` API, plus the classifiers built on it.
+
+``create(name)`` builds a zoo model (``available()`` lists them) or any timm model; ``build_classifier`` adds a
+linear head or the paper's stacked DeiT classifier in one of the four frozen/unfrozen scenarios.
+"""
+
+from repsim.models.base import Backbone
+from repsim.models.classifier import SCENARIOS, FoundationClassifier, build_classifier
+from repsim.models.zoo import ZOO, ZooInfo, available, create
+
+__all__ = ["SCENARIOS", "ZOO", "Backbone", "FoundationClassifier", "ZooInfo", "available", "build_classifier", "create"]
