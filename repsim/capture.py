@@ -359,11 +359,16 @@ def extract(
     if path is not None:
         if not path.exists():
             raise ValueError("the loader yielded no samples")
-        stored = xr.open_zarr(path, consolidated=False, chunks=None)
-        return stored[list(stored.attrs["layers"])]
+        return open_activations(path)
     if not parts:
         raise ValueError("the loader yielded no samples")
     return xr.concat(parts, dim="sample", combine_attrs="override")
+
+
+def open_activations(store: str | os.PathLike[str]) -> xr.Dataset:
+    """A zarr store written by ``extract``, read lazily, with its variables in layer order."""
+    ds = xr.open_zarr(store, consolidated=False, chunks=None)
+    return ds[list(ds.attrs.get("layers", ds.data_vars))]
 
 
 def _first_write(ds: xr.Dataset, path: Path) -> None:

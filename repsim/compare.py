@@ -20,7 +20,7 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
-from repsim.capture import Pool, capture, prepare_input, resolve_layers, split_batch
+from repsim.capture import Pool, capture, open_activations, prepare_input, resolve_layers, split_batch
 from repsim.cka import Estimator, MinibatchCKA, gram_vector
 
 Layers = str | Sequence[str]
@@ -169,7 +169,7 @@ def compare_many(
 
 
 def _open(ds: xr.Dataset | str | os.PathLike[str]) -> xr.Dataset:
-    return ds if isinstance(ds, xr.Dataset) else xr.open_zarr(ds, consolidated=False, chunks=None)
+    return ds if isinstance(ds, xr.Dataset) else open_activations(ds)
 
 
 def cka_matrix(
