@@ -48,7 +48,7 @@ def only_run(out: Path) -> Path:
     return summary.parent
 
 
-@pytest.mark.parametrize(("flag", "epochs", "floor"), [("breastmnist", 6, 0.75), ("pneumoniamnist", 2, 0.9)])
+@pytest.mark.parametrize(("flag", "epochs", "floor"), [("breastmnist", 6, 0.75), ("pneumoniamnist", 1, 0.9)])
 def test_beats_chance_and_writes_the_run_contract(data_root, tmp_path, flag, epochs, floor) -> None:
     res = run(medmnist_spec(flag, epochs=epochs), data_root=data_root, out=tmp_path, progress=False)
     auc = res[flag]["test"]["auc"]["mean"]
@@ -83,7 +83,7 @@ def test_retinamnist_kappa(data_root, tmp_path) -> None:
     assert res["metric"] == "kappa"
     kappa = res["test"]["kappa"]["mean"]
     print(f"retinamnist: test quadratic kappa {kappa:.3f} after 4 epochs")
-    assert kappa > 0.2, res
+    assert kappa > 0.3, res
 
 
 def test_ham10000_csv_and_nih_multilabel_paths(data_root, tmp_path) -> None:
@@ -125,11 +125,11 @@ def _finish(proc: subprocess.Popen, out: Path) -> None:
 
 def test_resume_after_sigkill_matches_uninterrupted_run(data_root, tmp_path) -> None:
     spec = tmp_path / "resume.yaml"
-    spec.write_text(yaml.safe_dump(medmnist_spec("breastmnist", TINY_VIT, epochs=5, patience=1)))
+    spec.write_text(yaml.safe_dump(medmnist_spec("breastmnist", TINY_VIT, epochs=3, patience=1)))
     full, killed = _cli(spec, data_root, tmp_path / "full"), _cli(spec, data_root, tmp_path / "killed")
     metrics = tmp_path / "killed/breastmnist/breastmnist/lr0.001/seed0/metrics.jsonl"
     deadline = time.time() + 240
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
         assert killed.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)

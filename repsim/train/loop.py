@@ -115,13 +115,13 @@ def build_model(cfg: dict[str, Any], data: Data) -> tuple[torch.nn.Module, dict[
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_size: int, device: torch.device,
             task: str, amp_dtype: torch.dtype | None, num_workers: int, rank: int, world: int,
-            desc: str) -> tuple[np.ndarray, np.ndarray, float]:
+            desc: str, progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """Probabilities, targets (dataset order, gathered over processes) and seconds spent in forward passes."""
     model.eval()
     shard = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     probs, targets, seconds = [], [], 0.0
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=rank != 0):
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not (rank == 0 and progress)):
         x = x.to(device, non_blocking=True)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -195,7 +195,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         unit, n = data.info.warmup
         warmup = n if unit == "iters" else n * steps_per_epoch
     eval_kw = {"batch_size": tc["eval_batch_size"] or tc["batch_size"], "device": device, "task": task,
-               "amp_dtype": amp_dtype, "num_workers": tc["num_workers"], "rank": rank, "world": world}
+               "amp_dtype": amp_dtype, "num_workers": tc["num_workers"], "rank": rank, "world": world,
+               "progress": progress}
 
     # --- state that a resume restores
     state = {"epoch": 0, "iteration": 0, "best": None, "best_epoch": None, "best_iteration": None,
@@ -275,7 +276,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         "dataset": data.info.name, "task": task, "metric": metric_name, "model": cfg["model"]["name"],
         "scenario": cfg["model"]["scenario"], "freeze_blocks": cfg["model"]["freeze_blocks"],
         "decapitate": cfg["model"]["decapitate"], "img_size": model_record["img_size"],
-        "lr": tc["lr"], "seed": seed, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+        "lr": tc["lr"], "seed": seed, "epochs_run": state["epoch"], "iterations": state["iteration"],
+        "train_size": len(train_set), "best_epoch": state["best_epoch"],
         "iterations_to_best": state["best_iteration"], "val": {metric_name: state["best"]},
         "test": compute_metrics(task, targets, probs, data.info.classes),
         "inference_ms_per_image": 1000.0 * seconds / len(targets), "train_seconds": state["train_seconds"],
