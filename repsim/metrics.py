@@ -22,6 +22,14 @@ TASKS = ("binary", "multiclass", "multilabel")
 CHEXPERT_COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
+# Metrics that ``compute_metrics`` returns for every task (a model-selection metric must be one of them).
+SELECTABLE = {
+    "binary": ("accuracy", "balanced_accuracy", "kappa", "auc"),
+    "multiclass": ("accuracy", "balanced_accuracy", "kappa", "auc", "auc_ovr"),
+    "multilabel": ("auc", "auc_nanmean", "auc_mean5"),
+}
+
+
 class MetricWarning(UserWarning):
     """A metric is undefined on this data (for example a class without positives) and was returned as NaN."""
 

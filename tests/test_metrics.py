@@ -29,6 +29,7 @@ def test_multiclass_metrics_match_sklearn(multiclass) -> None:
     y, p = multiclass
     pred = p.argmax(1)
     out = M.compute_metrics("multiclass", y, p)
+    assert set(out) == set(M.SELECTABLE["multiclass"])
     assert out["accuracy"] == pytest.approx(np.mean(pred == y))
     assert out["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert out["kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))

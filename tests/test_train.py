@@ -203,6 +203,8 @@ def test_bad_input_gives_clear_errors(data_root, tmp_path) -> None:
         run({**spec, "data": ham}, data_root=data_root, out=tmp_path)
     with pytest.raises(ValueError, match=r"unknown train keys \['epoch'\]"):
         run(spec, data_root=data_root, out=tmp_path, overrides=["train.epoch=3"])
+    with pytest.raises(ValueError, match="train.metric='auc_mean5' is not available"):
+        run(spec, data_root=data_root, out=tmp_path, overrides=["train.metric=auc_mean5"])
     with pytest.raises(ValueError, match="not key=value"):
         run(spec, data_root=data_root, out=tmp_path, overrides=["train.epochs"])
     run(spec, data_root=data_root, out=tmp_path, progress=False)

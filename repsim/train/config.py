@@ -47,11 +47,11 @@ DEFAULTS: dict[str, Any] = {
         "warmup_iters": None,  # overrides warmup_epochs when set
         "patience": 5,  # epochs without a better validation metric that make a plateau
         "max_plateaus": 3,  # LR ÷10 at each plateau; stop at this many
-        "grad_clip": 1.0,
+        "grad_clip": 1.0,  # max gradient norm; null disables clipping
         "amp": True,  # only on CUDA
         "num_workers": 2,
         "device": "auto",
-        "metric": None,  # default: the dataset's metric
+        "metric": None,  # model-selection metric; default: the dataset's (repsim.metrics.SELECTABLE)
     },
     "knn": {"k": 200, "temperature": 0.1, "batch_size": 256},
 }

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from repsim import models
 from repsim.data import Data, prepare
-from repsim.metrics import compute_metrics
+from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
@@ -165,6 +165,10 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
     # --- data: the split is fixed by data.split_seed, the augmentation and order by the training seed
     data = prepare(cfg["data"], data_root, seed=seed)
     task, metric_name = data.info.task, tc["metric"] or data.info.metric
+    if metric_name not in SELECTABLE[task] or (metric_name == "auc_mean5" and
+                                               not set(CHEXPERT_COMPETITION) <= set(data.info.classes)):
+        raise ValueError(f"train.metric={metric_name!r} is not available for {task} dataset {data.info.name!r}; "
+                         f"choose from {SELECTABLE[task]}")
     train_set = data.datasets["train"]
 
     # --- model (same init on every process: same seed) and its starting weights for CKA
@@ -233,7 +237,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+            if tc["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
             loss_sum += loss.detach()
