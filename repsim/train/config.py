@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
         "scenario": "unfrozen-linear",
         "freeze_blocks": None,
         "decapitate": None,
+        "classifier": {},  # *-stacked: kwargs of repsim.surgery.StackedClassifier (default: the paper's DeiT-B)
     },
     "train": {
         "epochs": 100,
@@ -153,7 +154,7 @@ def expand(spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) 
     """Resolved ``(run name, config)`` for every grid combination of ``spec`` with ``overrides`` applied.
 
     ``grid`` may be a list of grids (their union: e.g. baselines with one head, foundation models with two). A run
-    is named by its values on the axes that vary across all runs; duplicates (an override collapsing an axis) are
+    is named by its values on all axes of its grid (stable when an override collapses an axis); duplicates are
     dropped.
     """
     spec = dict(spec)
@@ -174,15 +175,25 @@ def expand(spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) 
                 set_dotted(cfg, key, value)
             validate(cfg)
             points.append(({k: _label(k, v) for k, v in zip(axes, combo)}, cfg))
-    keys = list(dict.fromkeys(k for labels, _ in points for k in labels))
-    varying = [k for k in keys if len({labels.get(k, "") for labels, _ in points}) > 1]
     runs: dict[str, dict[str, Any]] = {}
     for labels, cfg in points:
-        name = "__".join(labels[k] for k in varying if k in labels) or cfg["name"]
+        name = "__".join(labels.values()) or cfg["name"]
         if name in runs and runs[name] != cfg:
             raise ValueError(f"two different runs are both named {name!r}; make their grid values distinguishable")
         runs[name] = cfg
     return list(runs.items())
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def validate(cfg: Mapping[str, Any]) -> None:

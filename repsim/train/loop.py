@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from repsim import models
 from repsim.data import Data, prepare
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
+from repsim.train.config import config_diff
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
@@ -43,6 +44,16 @@ def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def check_same_config(cfg: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume or reuse ``run_dir`` when it was written by a different config."""
+    path = run_dir / "config.yaml"
+    if path.exists():
+        diff = config_diff(yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(cfg)))
+        if diff:
+            raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
+                             "use another --out")
 
 
 def distributed() -> tuple[int, int]:
@@ -105,9 +116,10 @@ def build_model(cfg: dict[str, Any], data: Data) -> tuple[torch.nn.Module, dict[
     backbone = models.create(mc["name"], pretrained=bool(mc["pretrained"]), checkpoint=mc["checkpoint"],
                              img_size=img_size, in_chans=in_chans, **kwargs)
     model = models.build_classifier(backbone, mc["scenario"], data.info.num_classes,
-                                    freeze_blocks=mc["freeze_blocks"], decapitate=mc["decapitate"])
+                                    freeze_blocks=mc["freeze_blocks"], decapitate=mc["decapitate"],
+                                    classifier_kwargs=mc.get("classifier") or None)
     record = {"name": mc["name"], "kwargs": kwargs, "img_size": img_size, "in_chans": in_chans,
-              "scenario": mc["scenario"], "num_classes": data.info.num_classes,
+              "scenario": mc["scenario"], "num_classes": data.info.num_classes, "classifier": mc.get("classifier") or {},
               "freeze_blocks": mc["freeze_blocks"], "decapitate": mc["decapitate"]}
     return model, record
 
@@ -156,6 +168,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         raise ValueError(f"train.batch_size={tc['batch_size']} is not divisible by {world} processes")
     if (ckpt_dir / "last.pt").exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or use another --out")
+    check_same_config(cfg, run_dir)
     device = pick_device(tc["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
