@@ -208,12 +208,14 @@ def test_bad_input_gives_clear_errors(data_root, tmp_path) -> None:
     with pytest.raises(ValueError, match="not key=value"):
         run(spec, data_root=data_root, out=tmp_path, overrides=["train.epochs"])
     run(spec, data_root=data_root, out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"different config \(train.epochs\)"):
+        run(spec, data_root=data_root, out=tmp_path, overrides=["train.epochs=2"])
     (only_run(tmp_path) / "summary.json").unlink()
     with pytest.raises(FileExistsError, match="--resume"):
         run(spec, data_root=data_root, out=tmp_path, progress=False)
 
 
-def test_packaged_specs_expand() -> None:
+def test_packaged_specs_expand(capsys) -> None:
     names = packaged_specs()
     for required in ("table1", "table2", "table3", "fig2_knn", "fig3_timing", "fig4_freezing", "fig5_decapitation",
                      "fig6_dinov2_sizes", "breastmnist_tiny"):
@@ -227,4 +229,7 @@ def test_packaged_specs_expand() -> None:
             assert cfg["model"]["scenario"] in models.SCENARIOS
     from repsim.cli import main
 
-    assert main(["train", "--spec", "table1", "--dry-run", "model.name=deit_b"]) == 0
+    assert main(["train", "--spec", "fig4_freezing", "--dry-run", "--model", "deit_b", "--freeze-blocks", "3",
+                 "data={dataset: aptos2019, root: APTOS2019}"]) == 0
+    assert capsys.readouterr().out.split() == ["aptos2019__deit_b__freeze_blocks3", "train", "deit_b",
+                                               "unfrozen-linear", "aptos2019"]

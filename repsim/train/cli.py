@@ -11,8 +11,22 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="folder that relative data.root paths are resolved against")
     p.add_argument("--out", default="runs", help="output folder (default: runs)")
     p.add_argument("--dry-run", action="store_true", help="list the runs of the spec and exit")
+    for flag, key, kind in _SHORTCUTS:
+        p.add_argument(flag, type=kind, default=None, help=f"same as {key}=VALUE")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides applied to every run, e.g. train.epochs=5 model.name=deit_b")
+
+
+# Flags for the overrides used most; each is the same as its ``key=value`` override.
+_SHORTCUTS = (("--model", "model.name", str), ("--scenario", "model.scenario", str),
+              ("--freeze-blocks", "model.freeze_blocks", int), ("--decapitate", "model.decapitate", int),
+              ("--seeds", "train.seeds", int), ("--epochs", "train.epochs", int))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    flags = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, key, _ in _SHORTCUTS
+             if getattr(args, flag[2:].replace("-", "_")) is not None]
+    return flags + list(args.overrides)
 
 
 def _run(args: argparse.Namespace, kind: str | None) -> int:
@@ -23,11 +37,11 @@ def _run(args: argparse.Namespace, kind: str | None) -> int:
         spec = load_spec(args.spec)
         if kind:
             spec["kind"] = kind
-        for name, cfg in expand(spec, parse_overrides(args.overrides)):
+        for name, cfg in expand(spec, parse_overrides(_overrides(args))):
             print(f"{name}\t{cfg['kind']}\t{cfg['model']['name']}\t{cfg['model']['scenario']}\t"
                   f"{cfg['data']['dataset']}")
         return 0
-    results = run(args.spec, data_root=args.data_root, out=args.out, overrides=args.overrides,
+    results = run(args.spec, data_root=args.data_root, out=args.out, overrides=_overrides(args),
                   resume=getattr(args, "resume", False), kind=kind)
     for name, r in results.items():
         stat = r["test"][r["metric"]]

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from repsim.train.config import expand, load_spec, parse_overrides
-from repsim.train.loop import atomic_write, build_model, distributed, pick_device, train
+from repsim.train.loop import atomic_write, build_model, check_same_config, distributed, pick_device, train
 
 
 def _run_dir(exp_dir: Path, lr: float, seed: int) -> Path:
@@ -34,6 +34,7 @@ def _run_dir(exp_dir: Path, lr: float, seed: int) -> Path:
 def _train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | None, resume: bool,
                     progress: bool) -> dict[str, Any]:
     if (run_dir / "summary.json").exists():
+        check_same_config(cfg, run_dir)
         return json.loads((run_dir / "summary.json").read_text())
     return train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
 
