@@ -58,7 +58,9 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     """Module names selected by exact names and/or glob patterns, in the model's module order.
 
     Patterns match whole dotted names; ``*`` does not cross a dot, so ``"blocks.*"`` selects ``blocks.0``,
-    ``blocks.1``, ... but not ``blocks.0.attn``; ``**`` crosses dots (``"**.attn"``). Raises ``ValueError`` listing close matches (difflib) for any name or pattern that matches nothing.
+    ``blocks.1``, ... but not ``blocks.0.attn``; ``**`` crosses dots (``"**.attn"``). A name or pattern matching no
+    full name is tried as a suffix after a dot, so ``"blocks.*"`` also finds ``model.blocks.0`` in a wrapped model.
+    Raises ``ValueError`` listing close matches (difflib) for any name or pattern that matches nothing.
     """
     patterns = [layers] if isinstance(layers, str) else list(layers)
     if not patterns:
@@ -66,8 +68,8 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     selected: set[str] = set()
     for pat in patterns:
-        rx = _glob_regex(pat)
-        hits = [pat] if pat in names else [n for n in names if rx.match(n)]
+        rx, suffix = _glob_regex(pat), _glob_regex("**." + pat)
+        hits = [pat] if pat in names else [n for n in names if rx.match(n)] or [n for n in names if suffix.match(n)]
         if not hits:
             close = difflib.get_close_matches(pat, names, n=5, cutoff=0.5)
             if not close:  # a pattern such as 'block.*' is closer to names' prefixes than to whole names

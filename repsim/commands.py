@@ -51,21 +51,6 @@ def save_png(fig: Figure, path: Path) -> Path:
     return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
 
 
-def create_model(name: str, *, checkpoint: str | None, img_size: int) -> nn.Module:
-    """A zoo or timm backbone via ``repsim.models.create`` (timm's ``create_model`` while the zoo is not installed)."""
-    try:
-        from repsim.models import create
-    except ImportError:
-        import timm
-
-        kwargs: dict[str, Any] = {"num_classes": 0, "checkpoint_path": checkpoint or ""}
-        try:
-            return timm.create_model(name, img_size=img_size, **kwargs)
-        except TypeError:  # architectures without a fixed input size (CNNs) take no img_size
-            return timm.create_model(name, **kwargs)
-    return create(name, checkpoint=checkpoint, img_size=img_size)
-
-
 def default_layers(model: nn.Module) -> list[str] | str:
     """The model's block names (``Backbone.layer_names()``), else the pattern ``blocks.*``."""
     names = getattr(model, "layer_names", None)
@@ -107,14 +92,15 @@ def load_data(spec: str, *, img_size: int, split: str = "test", n_samples: int |
 def cmd_cka(args: argparse.Namespace) -> int:
     """Layerwise CKA between two models (or one model with itself) on a dataset; writes cka.nc and cka.png."""
     from repsim.compare import compare
+    from repsim.models import create
     from repsim.plot import heatmap
 
     torch.manual_seed(args.seed)
-    model_a = create_model(args.model_a, checkpoint=args.checkpoint_a, img_size=args.img_size)
+    model_a = create(args.model_a, checkpoint=args.checkpoint_a, img_size=args.img_size)
     model_b = None
     if args.model_b is not None:
         torch.manual_seed(args.seed + 1)
-        model_b = create_model(args.model_b, checkpoint=args.checkpoint_b, img_size=args.img_size)
+        model_b = create(args.model_b, checkpoint=args.checkpoint_b, img_size=args.img_size)
     data = load_data(args.data, img_size=args.img_size, split=args.split, n_samples=args.n_samples, seed=args.seed)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     layers_a = args.layers or default_layers(model_a)
@@ -149,17 +135,19 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- repsim demo
-def _demo_data(data_root: str | None, img_size: int) -> tuple[Dataset, Dataset, int, str]:
-    """(train, test, num_classes, description): built-in synthetic shapes, or RetinaMNIST under ``data_root``."""
+def _demo_data(data_root: str | None, img_size: int, n_train: int) -> tuple[Dataset, Dataset, int, str]:
+    """(train, test, num_classes, description): built-in synthetic patterns, or RetinaMNIST under ``data_root``."""
     if data_root is None:
         from repsim.data.synthetic import SyntheticPatterns
 
-        train = SyntheticPatterns(2048, img_size=img_size, split="train")  # 4 classes
+        train = SyntheticPatterns(n_train, img_size=img_size, split="train")  # 4 classes
         return train, SyntheticPatterns(512, img_size=img_size, split="test"), train.num_classes, "synthetic textured patches (built-in)"
     npz = Path(data_root).expanduser() / "medmnist" / "retinamnist.npz"
     if not npz.is_file():
         raise FileNotFoundError(f"--data-root: expected {npz}")
-    return load_data(str(npz), img_size=img_size, split="train"), load_data(str(npz), img_size=img_size, split="test"), 5, f"RetinaMNIST ({npz})"
+    train = load_data(str(npz), img_size=img_size, split="train")
+    train = Subset(train, range(min(n_train, len(train))))  # type: ignore[arg-type]
+    return train, load_data(str(npz), img_size=img_size, split="test"), 5, f"RetinaMNIST ({npz.name})"
 
 
 def _accuracy(model: nn.Module, loader: DataLoader) -> float:
@@ -181,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    train, test, num_classes, what = _demo_data(args.data_root, args.img_size)
+    train, test, num_classes, what = _demo_data(args.data_root, args.img_size, args.n_train)
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=args.img_size, patch_size=4, embed_dim=64, depth=6, num_heads=2, mlp_ratio=2.0,
         num_classes=num_classes,
@@ -264,5 +252,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data-root", help="folder holding medmnist/retinamnist.npz, to use real images instead of synthetic ones")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--n-train", type=int, default=2048, help="training images (default 2048)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
