@@ -167,5 +167,10 @@ def test_bad_input_errors(data_root, tmp_path) -> None:
         prepare({**HAM, "label": "dx"}, data_root)
     with pytest.raises(ValueError, match="no official split"):
         prepare({**HAM, "split": "official"}, data_root)
+    nih = pd.read_csv(data_root / NIH["root"] / "labels.csv")
+    nih.loc[2, "Finding Labels"] = "Effusion|Hernai"
+    nih.to_csv(tmp_path / "nih.csv", index=False)
+    with pytest.raises(ValueError, match=r"row 2: labels \['Hernai'\] are not in classes"):
+        load_source("nih_cxr14", data_root / NIH["root"], csv=str(tmp_path / "nih.csv"), image_dir=".")
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         with_channels(load_source("medmnist", data_root / "medmnist", flag="breastmnist").info, 2)

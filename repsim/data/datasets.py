@@ -100,8 +100,10 @@ class ImageDataset(Dataset):
         """The PIL image of position ``i`` (not transformed)."""
         j = self.indices[i]
         img = self.source.images[j]
-        img = Image.fromarray(img) if isinstance(img, np.ndarray) else Image.open(img)
-        return img.convert(self.mode)
+        if isinstance(img, np.ndarray):
+            return Image.fromarray(img).convert(self.mode)
+        with Image.open(img) as fh:
+            return fh.convert(self.mode)
 
     def target(self, i: int) -> torch.Tensor:
         t = self.source.targets[self.indices[i]]
@@ -209,16 +211,17 @@ def medmnist(root: Path, flag: str, size: int = 28) -> Source:
 
 def csv_images(root: Path, csv: str, image_col: str, label_col: str | None = None, *,
                label_cols: Sequence[str] | None = None, label_sep: str | None = None,
-               classes: Sequence[str] | None = None, group_col: str | None = None, image_dir: str = ".",
+               classes: Sequence[str] | None = None, none_label: str | None = None,
+               group_col: str | None = None, image_dir: str = ".",
                ext: str | None = None, channels: int = 3, name: str | None = None, metric: str | None = None,
                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> Source:
     """Generic csv of image names and labels.
 
     Single-label: ``label_col`` of class names (``classes`` fixes their order; default sorted).
-    Multilabel: ``label_cols`` of 0/1 columns, or ``label_col`` of ``label_sep``-joined names (tokens outside
-    ``classes``, such as NIH's "No Finding", must be listed in ``classes`` or mean an all-zero row only when the
-    row holds that single token). ``group_col`` (patient, lesion) keeps groups inside one split.
+    Multilabel: ``label_cols`` of 0/1 columns, or ``label_col`` of ``label_sep``-joined names from ``classes``
+    (a cell equal to ``none_label``, such as NIH's "No Finding", is an all-zero row; any other name is an error).
+    ``group_col`` (patient, lesion) keeps groups inside one split.
     """
     if (label_col is None) == (label_cols is None):
         raise ValueError("give exactly one of label_col or label_cols")
@@ -233,11 +236,13 @@ def csv_images(root: Path, csv: str, image_col: str, label_col: str | None = Non
         names, task = [str(c) for c in classes], "multilabel"
         targets = np.zeros((len(df), len(names)), np.float32)
         for r, cell in enumerate(df[label_col].astype(str)):
+            if cell == none_label:
+                continue
             tokens = cell.split(label_sep)
-            known = [t for t in tokens if t in names]
-            if len(known) < len(tokens) and len(tokens) > 1:
-                raise ValueError(f"{path} row {r}: labels {sorted(set(tokens) - set(known))} not in classes")
-            targets[r, [names.index(t) for t in known]] = 1.0
+            unknown = sorted(set(tokens) - set(names))
+            if unknown:
+                raise ValueError(f"{path} row {r}: labels {unknown} are not in classes {names}")
+            targets[r, [names.index(t) for t in tokens]] = 1.0
     else:
         targets, names = _encode_classes(df[label_col], classes)
         task = _single_label_task(len(names))[0]
@@ -343,7 +348,7 @@ def cbis_ddsm(root: Path, csv: str | Sequence[str] = "cbis_ddsm.csv", image_col:
 def nih_cxr14(root: Path, csv: str = "Data_Entry_2017.csv", image_dir: str = "images") -> Source:
     """NIH ChestX-ray14 (``Finding Labels`` joined by ``|``, "No Finding" = all zeros), grouped by patient."""
     return csv_images(root, csv, "Image Index", "Finding Labels", label_sep="|", classes=NIH_CXR14_LABELS,
-                      group_col="Patient ID", image_dir=image_dir, channels=1, name="nih_cxr14", metric="auc")
+                      none_label="No Finding", group_col="Patient ID", image_dir=image_dir, channels=1, name="nih_cxr14", metric="auc")
 
 
 READERS: dict[str, Callable[..., Source]] = {
