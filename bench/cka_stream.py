@@ -1,0 +1,197 @@
+"""Forward-dominated CKA bench: two random-init 12-block ViT-Tiny at 64 px on real RetinaMNIST images.
+
+All 12 blocks of each model, tokens flattened (17 x 192 features), batch 128, N = 1,024 images (the RetinaMNIST
+train split, upsampled from 28 to 64 px). Measured side by side in one process: the forward passes alone (the floor
+for any hook-based tool), repsim.compare, pytorch-cka and torch-cka. Each library's 12 x 12 unbiased minibatch CKA
+is checked against a float64 reference computed here from stored activations with the equations (Song et al.'s
+unbiased HSIC on Grams of centred features, averaged over batches as in Nguyen et al. 2021). Peak RSS growth is read
+from /proc/self/status (VmHWM, reset before each run through /proc/self/clear_refs). Times are the best of
+``--repeats`` interleaved runs, since a shared machine adds noise. A second table runs repsim at growing N to show
+that its memory does not grow with the dataset.
+
+    python bench/cka_stream.py [--data ../shared/data/medmnist/retinamnist.npz] [--threads 2] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import repsim
+
+LAYERS = [f"blocks.{i}" for i in range(12)]
+DEFAULT_DATA = Path(os.environ.get("REPSIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "medmnist" / "retinamnist.npz"
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def load_images(path: Path, n: int, size: int) -> torch.Tensor:
+    """The first ``n`` RetinaMNIST train images as (n, 3, size, size) float32, normalised and upsampled."""
+    with np.load(path) as npz:
+        imgs = npz["train_images"][:n]
+    if len(imgs) < n:
+        raise ValueError(f"{path} has only {len(imgs)} train images, need {n}")
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - 0.5) / 0.25
+    return nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def make_vit(seed: int, img_size: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, num_classes=0).eval()
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+def _status(key: str) -> int:
+    """A /proc/self/status memory field in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def measure(fn: Callable[[], np.ndarray | None]) -> tuple[float, float, np.ndarray | None]:
+    """(seconds, peak RSS growth in MB over the RSS at the start, result) of one call."""
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    rss0 = _status("VmRSS")
+    t = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t
+    return dt, (_status("VmHWM") - rss0) / 2**20, out
+
+
+# ------------------------------------------------------------------------------------------------ contestants
+def forward_only(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> None:
+    with torch.no_grad():
+        for x, _ in loader:
+            ma(x)
+            mb(x)
+
+
+def run_repsim(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
+    return repsim.compare(ma, mb, loader, layers_a=LAYERS, pool="flatten", progress=False).values
+
+
+def run_pytorch_cka(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
+    import cka  # PyPI pytorch-cka
+
+    return cka.compute_cka(ma, mb, loader, layers=LAYERS, model2_layers=LAYERS, device="cpu", progress=False)[0].numpy()
+
+
+def run_torch_cka(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
+    from torch_cka import CKA  # PyPI torch-cka
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = CKA(ma, mb, model1_name="a", model2_name="b", model1_layers=LAYERS, model2_layers=LAYERS, device="cpu")
+        with torch.no_grad():
+            c.compare(loader)
+        return c.export()["CKA"].numpy()
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def block_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The 12 block outputs, flattened, by running timm's ViT stages by hand (no hooks)."""
+    with torch.no_grad():
+        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        outs = []
+        for blk in model.blocks:
+            h = blk(h)
+            outs.append(h.reshape(len(h), -1).clone())
+    return outs
+
+
+def song_hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Song et al. (2012) unbiased HSIC, batched over leading dims of (..., n, n) float64 Grams."""
+    n = k.shape[-1]
+    kt = k - torch.diag_embed(torch.diagonal(k, dim1=-2, dim2=-1))
+    lt = l - torch.diag_embed(torch.diagonal(l, dim1=-2, dim2=-1))
+    tr = (kt * lt).sum((-2, -1))
+    return (tr + kt.sum((-2, -1)) * lt.sum((-2, -1)) / ((n - 1) * (n - 2)) - 2 / (n - 2) * (kt.sum(-1) * lt.sum(-1)).sum(-1)) / (n * (n - 3))
+
+
+def reference(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
+    """Float64 minibatch CKA from activations stored per batch (Nguyen et al. 2021, Eq. 2)."""
+    kl = kk = ll = torch.zeros(())
+    for x, _ in loader:
+        grams = []
+        for model in (ma, mb):
+            hs = [h.double() - h.double().mean(0) for h in block_outputs(model, x)]
+            grams.append(torch.stack([h @ h.T for h in hs]))
+        ga, gb = grams
+        kl = kl + song_hsic1(ga[:, None], gb[None, :])
+        kk = kk + song_hsic1(ga, ga)
+        ll = ll + song_hsic1(gb, gb)
+    return (kl / torch.sqrt(kk[:, None] * ll[None, :])).numpy()
+
+
+# ------------------------------------------------------------------------------------------------ main
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, ["-" * w for w in widths], *rows])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="retinamnist.npz")
+    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per contestant; the best time is reported")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    x = load_images(args.data, args.n, args.img_size)
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=args.batch_size)
+    ma, mb = make_vit(0, args.img_size), make_vit(1, args.img_size)
+    forward_only(ma, mb, [next(iter(loader))])  # warm-up
+
+    contestants: dict[str, Callable[[], np.ndarray | None]] = {
+        "forward only (both models)": lambda: forward_only(ma, mb, loader),
+        "repsim.compare": lambda: run_repsim(ma, mb, loader),
+        "pytorch-cka 1.1.3": lambda: run_pytorch_cka(ma, mb, loader),
+        "torch-cka 0.21": lambda: run_torch_cka(ma, mb, loader),
+    }
+    times: dict[str, list[float]] = {k: [] for k in contestants}
+    rss: dict[str, list[float]] = {k: [] for k in contestants}
+    results: dict[str, np.ndarray | None] = {}
+    for _ in range(args.repeats):
+        for name, fn in contestants.items():
+            dt, grow, out = measure(fn)
+            times[name].append(dt)
+            rss[name].append(grow)
+            results[name] = out
+    ref = reference(ma, mb, loader)
+
+    t_fwd = min(times["forward only (both models)"])
+    rows = []
+    for name in contestants:
+        out = results[name]
+        err = "-" if out is None else (f"{np.abs(out - ref).max():.1e}" if np.isfinite(out).all() else "NaN")
+        rows.append([name, f"{min(times[name]):.2f}", f"{min(times[name]) / t_fwd:.2f}x", f"{max(rss[name]):.0f}", err])
+    print(
+        f"ViT-Tiny x2 (random init), {args.img_size} px, {len(LAYERS)} blocks, tokens flattened, N={args.n} RetinaMNIST,"
+        f" batch {args.batch_size}, {args.threads} threads, best of {args.repeats}\n"
+    )
+    print(table(["contestant", "time s", "vs forward", "peak RSS growth MB", "max |err| vs fp64"], rows))
+
+    rows = []
+    for n in (args.n // 4, args.n // 2, args.n):
+        sub = DataLoader(TensorDataset(x[:n], torch.zeros(n)), batch_size=args.batch_size)
+        dt, grow, _ = measure(lambda: run_repsim(ma, mb, sub))
+        rows.append([str(n), f"{dt:.2f}", f"{grow:.0f}"])
+    print("\nrepsim.compare memory against dataset size\n")
+    print(table(["N", "time s", "peak RSS growth MB"], rows))
+
+
+if __name__ == "__main__":
+    main()
