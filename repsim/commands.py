@@ -135,19 +135,20 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- repsim demo
-def _demo_data(data_root: str | None, img_size: int, n_train: int) -> tuple[Dataset, Dataset, int, str]:
+def _demo_data(data_root: str | None, img_size: int, n_train: int, n_test: int) -> tuple[Dataset, Dataset, int, str]:
     """(train, test, num_classes, description): built-in synthetic patterns, or RetinaMNIST under ``data_root``."""
     if data_root is None:
         from repsim.data.synthetic import SyntheticPatterns
 
         train = SyntheticPatterns(n_train, img_size=img_size, split="train")  # 4 classes
-        return train, SyntheticPatterns(512, img_size=img_size, split="test"), train.num_classes, "synthetic textured patches (built-in)"
+        return train, SyntheticPatterns(n_test, img_size=img_size, split="test"), train.num_classes, "synthetic textured patches (built-in)"
     npz = Path(data_root).expanduser() / "medmnist" / "retinamnist.npz"
     if not npz.is_file():
         raise FileNotFoundError(f"--data-root: expected {npz}")
     train = load_data(str(npz), img_size=img_size, split="train")
     train = Subset(train, range(min(n_train, len(train))))  # type: ignore[arg-type]
-    return train, load_data(str(npz), img_size=img_size, split="test"), 5, f"RetinaMNIST ({npz.name})"
+    test = load_data(str(npz), img_size=img_size, split="test")
+    return train, Subset(test, range(min(n_test, len(test)))), 5, f"RetinaMNIST ({npz.name})"  # type: ignore[arg-type]
 
 
 def _accuracy(model: nn.Module, loader: DataLoader) -> float:
@@ -169,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    train, test, num_classes, what = _demo_data(args.data_root, args.img_size, args.n_train)
+    train, test, num_classes, what = _demo_data(args.data_root, args.img_size, args.n_train, args.n_test)
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=args.img_size, patch_size=4, embed_dim=64, depth=6, num_heads=2, mlp_ratio=2.0,
         num_classes=num_classes,
@@ -253,5 +254,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--n-train", type=int, default=2048, help="training images (default 2048)")
+    p.add_argument("--n-test", type=int, default=512, help="held-out images for accuracy and CKA (default 512)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

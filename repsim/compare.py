@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,8 @@ def _stream_grams(
     progress: bool,
     desc: str,
 ) -> Iterator[tuple[int, dict[str, Mapping[str, torch.Tensor]]]]:
-    """Yield ``(n, {tag: {layer: gram_vector}})`` per batch, each model run once with Grams formed in its hooks."""
+    """Yield ``(n, {tag: {layer: gram_vector}})`` per batch, each model run once with Grams formed in its hooks.
+    Consume it inside ``contextlib.closing`` so the hooks go as soon as the consumer stops, even on an error."""
     batch_n = [0]
 
     def to_gram(tag: str) -> Any:
@@ -115,13 +116,14 @@ def compare(
         models, layers = {name_a: model_a, name_b: mb}, {name_a: names_a, name_b: names_b}
     pools = dict.fromkeys(models, pool)
     sel_a, sel_b = set(names_a), set(names_b)
-    for n, grams in _stream_grams(models, layers, loader, pool=pools, estimator=estimator, progress=progress, desc="cka"):
-        ga = {k: v for k, v in grams[name_a].items() if _base(k) in sel_a}
-        if within:
-            engine.update_grams(ga, None, n=n)
-        else:
-            gb = {k: v for k, v in grams[name_a if same else name_b].items() if _base(k) in sel_b}
-            engine.update_grams(ga, gb, n=n)
+    with closing(_stream_grams(models, layers, loader, pool=pools, estimator=estimator, progress=progress, desc="cka")) as stream:
+        for n, grams in stream:
+            ga = {k: v for k, v in grams[name_a].items() if _base(k) in sel_a}
+            if within:
+                engine.update_grams(ga, None, n=n)
+            else:
+                gb = {k: v for k, v in grams[name_a if same else name_b].items() if _base(k) in sel_b}
+                engine.update_grams(ga, gb, n=n)
     return _finish(engine, keep_batches, n_boot, ci, seed)
 
 
@@ -157,8 +159,9 @@ def compare_many(
     resolved = {k: resolve_layers(m, spec[k]) for k, m in models.items()}
     pools = {k: (pool[k] if isinstance(pool, Mapping) else pool) for k in models}
     engine = MinibatchCKA(estimator=estimator, model_a=", ".join(models), keep_batches=keep_batches)
-    for n, grams in _stream_grams(models, resolved, loader, pool=pools, estimator=estimator, progress=progress, desc="cka"):
-        engine.update_grams({f"{tag}/{k}": v for tag, g in grams.items() for k, v in g.items()}, None, n=n)
+    with closing(_stream_grams(models, resolved, loader, pool=pools, estimator=estimator, progress=progress, desc="cka")) as stream:
+        for n, grams in stream:  # closing: hooks are removed at once if an update raises
+            engine.update_grams({f"{tag}/{k}": v for tag, g in grams.items() for k, v in g.items()}, None, n=n)
     out = _finish(engine, keep_batches, n_boot, ci, seed)
     keys = [str(k) for k in out["layer_a"].values]
     model_of = [k.split("/", 1)[0] for k in keys]

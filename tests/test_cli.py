@@ -48,7 +48,7 @@ def test_cka_rejects_unknown_layer(tmp_path: Path) -> None:
 
 
 def test_demo_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--n-train", "128"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--n-train", "128", "--n-test", "128"]) == 0
     with xr.open_dataset(tmp_path / "cka.nc", engine="h5netcdf") as ds:
         cka = ds["cka"].load()
     assert cka.shape == (12, 12) and set(cka.model_a.values) == {"init", "trained"}

@@ -159,8 +159,12 @@ def test_nan_activation_names_the_layer(data) -> None:
     a = mlp(0)
     with torch.no_grad():
         a[4].weight[0, 0] = float("nan")
+    b = mlp(1).train()
     with pytest.raises(ValueError, match=r"\b4\b.*NaN"):
-        compare(mlp(1), a, data, layers_a=LAYERS, progress=False)
+        compare(b, a, data, layers_a=LAYERS, progress=False)
+    for m in (*a.modules(), *b.modules()):  # hooks gone and mode restored while the error is still referenced
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert b.training and all(m.training for m in b.modules())
 
 
 def test_batch_smaller_than_four_rejected() -> None:
