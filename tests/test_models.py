@@ -28,7 +28,7 @@ SMALL = {
     "openclip_vitb16": (32, 4, 12),
     "deit_b": (32, 4, 12),
     "dino_vitb16": (32, 4, 12),
-    "resnet152": (64, 4, 5),  # timm taps: stem act1, layer1..layer4
+    "resnet152": (32, 1, 5),  # timm taps: stem act1, layer1..layer4
 }
 # DINOv2-g (1.1B parameters) is built once, in test_dinov2_giant; the round trips skip the large DINOv2s
 LIGHT = [n for n in SMALL if n != "dinov2_vitg14"]
@@ -232,6 +232,18 @@ def test_seem_official_checkpoint_is_mapped(tmp_path) -> None:
     x = _x("seem_focalt")
     with torch.no_grad():
         assert torch.equal(loaded(x), bb(x))
+
+
+def test_dinov2_hub_checkpoint_goes_through_timms_filter(tmp_path) -> None:
+    """facebookresearch/dinov2 hub format: a 37x37 (518 px) pos_embed and a mask_token -> timm names at 28 px."""
+    bb = create("dinov2_vits14", img_size=28, depth=2).eval()
+    hub = {k[len("model."):]: v for k, v in bb.state_dict().items()}
+    hub["pos_embed"] = torch.randn(1, 1 + 37 * 37, 384)
+    hub["mask_token"] = torch.zeros(1, 384)
+    torch.save(hub, tmp_path / "dinov2_vits14_pretrain.pth")
+    loaded = create("dinov2_vits14", img_size=28, depth=2, checkpoint=tmp_path / "dinov2_vits14_pretrain.pth")
+    assert loaded.model.pos_embed.shape == (1, 5, 384)
+    assert torch.equal(loaded.model.blocks[1].ls2.gamma, bb.model.blocks[1].ls2.gamma)
 
 
 def test_openclip_full_checkpoint_keeps_the_image_tower(tmp_path) -> None:

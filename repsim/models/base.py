@@ -35,6 +35,8 @@ class Backbone(nn.Module):
     num_prefix_tokens: int = 0
     # pooling convention in words, for the zoo table
     pooling: str = ""
+    # True when the official checkpoint format uses this module's own names plus others (always converted)
+    _official_shares_names: bool = False
 
     def __init__(self, *, img_size: int, in_chans: int) -> None:
         super().__init__()
@@ -151,7 +153,7 @@ class Backbone(nn.Module):
         """Load a state dict in this backbone's names or the official format (``source`` names it in errors)."""
         own = self.state_dict()
         state = dict(state)
-        if not set(state) <= set(own):  # not this module's own names: the official format of the model
+        if self._official_shares_names or not any(k in own for k in state):
             state = self._convert_official(state)
         state = self._adapt_shapes(state, own, source)
         missing = sorted(set(own) - set(state))

@@ -182,6 +182,7 @@ class OpenClipBackbone(Backbone):
     pooling = "CLS after ln_post, projected (512-d)"
     arch = "ViT-B-16"
     tag = "laion2b_s34b_b88k"
+    _official_shares_names = True  # a full CLIP checkpoint holds visual.* (these names) and the text tower
 
     def __init__(self, *, img_size: int, in_chans: int, pretrained: bool) -> None:
         super().__init__(img_size=img_size, in_chans=in_chans)

@@ -125,10 +125,20 @@ def create(
     if pretrained and checkpoint is not None:
         raise ValueError("give pretrained=True or checkpoint=PATH, not both")
     entry = ZOO.get(name)
-    if entry is not None:
-        backbone = entry.build(pretrained=pretrained, img_size=img_size, in_chans=in_chans, **kwargs)
-    else:
-        backbone = create_timm(name, pretrained=pretrained, img_size=img_size, in_chans=in_chans, **kwargs)
+    build = functools.partial(
+        entry.build if entry is not None else functools.partial(create_timm, name),
+        pretrained=pretrained, img_size=img_size, in_chans=in_chans, **kwargs,
+    )
+    if checkpoint is None:
+        backbone = build()
+    else:  # every tensor comes from the checkpoint: skip the random init (30 s for DINOv2-g) by building on meta
+        with torch.device("meta"):
+            backbone = build()
+        persistent = set(backbone.state_dict())
+        if all(buf in persistent for buf, _ in backbone.named_buffers()):
+            backbone = backbone.to_empty(device="cpu")
+        else:
+            backbone = build()
     if decapitate is not None:
         backbone.truncate(decapitate)
     if checkpoint is not None:
