@@ -132,7 +132,7 @@ class SeemFocalBlock(FocalNetBlock):
 # on top of focalnet_tiny_srf's embed_dim 96 and depths (2, 2, 6, 2)
 _SEEM_CFG = dict(
     focal_levels=(3, 3, 3, 3), focal_windows=(3, 3, 3, 3), use_overlap_down=True,
-    use_post_norm=True, normalize_modulator=True, layerscale_value=1e-4, drop_path_rate=0.0,
+    use_post_norm=True, normalize_modulator=True, layerscale_value=1e-4, drop_path_rate=0.3,  # SEEM's D2FocalNet
 )
 
 
@@ -157,7 +157,7 @@ class SeemFocalNet(TimmBackbone):
                     mlp_ratio=cfg.get("mlp_ratio", 4.0), focal_level=cfg["focal_levels"][i],
                     focal_window=cfg["focal_windows"][i], normalize_modulator=cfg["normalize_modulator"],
                     use_post_norm_in_modulation=cfg.get("use_post_norm_in_modulation", False),
-                    layerscale_value=cfg["layerscale_value"],
+                    layerscale_value=cfg["layerscale_value"], drop_path=getattr(block.drop_path1, "drop_prob", 0.0),
                 )
                 for block in stage.blocks
             ])
