@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import yaml
 
+from repsim.data import prepare
+from repsim.knn import knn_evaluate
 from repsim.train.config import expand, load_spec, parse_overrides
 from repsim.train.loop import atomic_write, build_model, check_same_config, distributed, pick_device, train
 
@@ -39,15 +41,17 @@ def _train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | 
     return train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
 
 
+def stats(values: list[float]) -> dict[str, Any]:
+    """``{"mean", "std", "values"}`` (sample std, ddof=1; 0 for one value; NaN propagates)."""
+    values = [float(v) for v in values]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "values": values}
+
+
 def aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{metric: {"mean", "std", "values"}}`` over runs (sample std, ddof=1; 0 for one run; NaN values kept)."""
+    """``{test metric: stats}`` over runs."""
     keys = [k for k in summaries[0]["test"] if all(k in s["test"] for s in summaries)]
-    out = {}
-    for key in keys:
-        values = [float(s["test"][key]) for s in summaries]
-        out[key] = {"mean": float(np.mean(values)),
-                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "values": values}
-    return out
+    return {key: stats([s["test"][key] for s in summaries]) for key in keys}
 
 
 def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None = None,
@@ -73,9 +77,8 @@ def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path 
                "freeze_blocks": first["freeze_blocks"], "decapitate": first["decapitate"],
                "img_size": first["img_size"], "metric": first["metric"], "lr": best_lr, "lr_search": search,
                "seeds": list(range(tc["seeds"])), "test": aggregate(summaries),
-               "iterations_to_best": aggregate([{"test": {"v": s["iterations_to_best"]}} for s in summaries])["v"],
-               "inference_ms_per_image": aggregate(
-                   [{"test": {"v": s["inference_ms_per_image"]}} for s in summaries])["v"]}
+               "iterations_to_best": stats([s["iterations_to_best"] for s in summaries]),
+               "inference_ms_per_image": stats([s["inference_ms_per_image"] for s in summaries])}
     if distributed()[0] == 0:
         atomic_write(exp_dir / "results.json", json.dumps(results, indent=2))
     return results
@@ -83,9 +86,6 @@ def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path 
 
 def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None = None) -> dict[str, Any]:
     """k-NN metrics (test split, train split as the bank) of the frozen backbone of ``cfg``."""
-    from repsim.data import prepare
-    from repsim.knn import knn_evaluate
-
     data = prepare(cfg["data"], data_root, seed=int(cfg["train"]["seed"]))
     torch.manual_seed(int(cfg["train"]["seed"]))
     model, record = build_model(cfg, data)
@@ -97,8 +97,7 @@ def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None 
                            label_names=data.info.classes, device=pick_device(cfg["train"]["device"]))
     result = {"dataset": data.info.name, "model": cfg["model"]["name"], "scenario": "knn",
               "metric": cfg["train"]["metric"] or data.info.metric, "k": kc["k"], "temperature": kc["temperature"],
-              "img_size": record["img_size"], "test": {k: {"mean": v, "std": 0.0, "values": [v]}
-                                                       for k, v in metrics.items()}}
+              "img_size": record["img_size"], "test": {k: stats([v]) for k, v in metrics.items()}}
     exp_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     atomic_write(exp_dir / "knn.json", json.dumps(result, indent=2))
