@@ -132,3 +132,12 @@ def test_inconsistent_settings_are_named() -> None:
         replace(PRESETS["tiny"], targets=("nope",)).check()
     with pytest.raises(ValueError, match="unfrozen-linear"):
         replace(PRESETS["tiny"], scenarios=("frozen-linear",), decapitate=[]).check()
+
+
+def test_report_of_a_study_embeds_its_tables_and_figures(study_dir: Path) -> None:
+    from repsim.report import build_report
+
+    text = build_report(study_dir)
+    assert "Transfer study of" in text and "Table 1" in text and "fig7_cka_before_after.png" in text
+    summary = json.loads((study_dir / "study.json").read_text())
+    assert text.count("data:image/png;base64,") >= len(summary["figures"]) + 5  # figures + one curve per experiment

@@ -1,0 +1,232 @@
+"""``repsim report RUN_DIR``: one self-contained HTML page (PNGs embedded as base64) for a trainer run, a folder of
+experiments or a transfer study: metrics tables, training curves and CKA heatmaps.
+
+What goes in, by what the folder holds:
+
+* tables: a study's ``tables.md``; else every ``results.json``/``knn.json`` below (``repsim table``); else the
+  ``summary.json`` of a single run;
+* training curves: one figure per experiment (train loss and validation metric per epoch, one line per LR/seed)
+  from every ``metrics.jsonl`` below;
+* figures: the PNGs at the top of the folder (a study's figures, ``repsim cka``/``demo`` heatmaps);
+* CKA of a single run: its backbone before (``backbone_init.pt``) vs after (``backbone_best.pt``) fine-tuning on
+  up to ``cka_samples`` test images, when the run's data can be found (``--data-root``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;font-size:.9em}
+th{background:#f2f2f2}img{max-width:100%;margin:.5em 0}pre{background:#f7f7f7;padding:.6em;overflow-x:auto}
+.note{color:#a33}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}"""
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return _img(buf.getvalue())
+
+
+def _img(data: bytes, alt: str = "") -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def markdown_to_html(text: str) -> str:
+    """The subset of markdown that repsim writes: ``#`` headings, pipe tables and paragraphs."""
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            head, body = rows[0], [r for r in rows[1:] if not all(set(c) <= set("-: ") for c in r)]
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+            rows.clear()
+
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("|"):
+            rows.append([c.strip() for c in s.strip("|").split("|")])
+            continue
+        flush()
+        if s.startswith("#"):
+            level = min(len(s) - len(s.lstrip("#")) + 1, 4)  # the page title is <h1>
+            out.append(f"<h{level}>{html.escape(s.lstrip('#').strip())}</h{level}>")
+        elif s:
+            out.append(f"<p>{html.escape(s)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _tables(root: Path) -> str:
+    from repsim.train.table import RESULT_FILES, collect, markdown_table
+
+    if (root / "tables.md").exists():
+        return markdown_to_html((root / "tables.md").read_text())
+    if any(next(root.rglob(n), None) for n in RESULT_FILES):
+        return "<h2>Results (test split, mean ± std over seeds)</h2>" + markdown_to_html(markdown_table(collect([root])))
+    if (root / "summary.json").exists():
+        s = json.loads((root / "summary.json").read_text())
+        rows = [("dataset", s["dataset"]), ("model", s["model"]), ("scenario", s["scenario"]), ("lr", s["lr"]),
+                ("seed", s["seed"]), ("best epoch", s["best_epoch"]), ("iterations to best", s["iterations_to_best"]),
+                ("inference ms/image", f"{s['inference_ms_per_image']:.3f}"),
+                (f"validation {s['metric']} (best)", f"{s['val'][s['metric']]:.4f}"),
+                *((f"test {k}", f"{v:.4f}") for k, v in s["test"].items())]
+        return "<h2>Run summary (test metrics of the best checkpoint)</h2>" + markdown_to_html(
+            "| | |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows))
+    return '<h2>Results</h2><p class="note">No summary.json, results.json or tables.md here (the run has not finished).</p>'
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _selection_metric(run: Path) -> str | None:
+    """The metric a run selects its checkpoint on (from its summary, else its config when set there)."""
+    import yaml
+
+    if (run / "summary.json").exists():
+        return json.loads((run / "summary.json").read_text())["metric"]
+    if (run / "config.yaml").exists():
+        return (yaml.safe_load((run / "config.yaml").read_text()).get("train") or {}).get("metric")
+    return None
+
+
+def curves_figure(runs: Iterable[Path], title: str) -> Figure:
+    """Train loss and validation selection metric per epoch, one line per run folder (labelled by its path)."""
+    fig = Figure(figsize=(8.5, 2.8), layout="constrained")
+    loss_ax, val_ax = fig.subplots(1, 2)
+    metric = ""
+    for run in runs:
+        rows = _read_jsonl(run / "metrics.jsonl")
+        if not rows:
+            continue
+        metric = _selection_metric(run) or metric
+        label = f"{run.parent.name}/{run.name}"
+        epochs = [r["epoch"] for r in rows]
+        loss_ax.plot(epochs, [r["train_loss"] for r in rows], marker=".", label=label)
+        if f"val_{metric}" in rows[0]:
+            val_ax.plot(epochs, [r[f"val_{metric}"] for r in rows], marker=".", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="train loss")
+    val_ax.set(xlabel="epoch", ylabel=f"validation {metric}")
+    val_ax.legend(fontsize=6, ncols=2)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def _curves(root: Path) -> str:
+    groups: dict[Path, list[Path]] = {}
+    for path in sorted(root.rglob("metrics.jsonl")):
+        run = path.parent
+        in_exp = run != root and run.parent != root and run.name.startswith("seed") and run.parent.name.startswith("lr")
+        exp = run.parent.parent if in_exp else run
+        groups.setdefault(exp, []).append(run)
+    if not groups:
+        return ""
+    parts = ["<h2>Training curves</h2>"]
+    for exp, runs in groups.items():
+        title = str(exp.relative_to(root)) if exp != root else root.name
+        parts.append(_png(curves_figure(runs, title)))
+    return "\n".join(parts)
+
+
+def _figures(root: Path) -> str:
+    pngs = sorted(root.glob("*.png"))
+    if not pngs:
+        return ""
+    return "<h2>Figures</h2>" + "\n".join(f"<h3>{html.escape(p.name)}</h3>{_img(p.read_bytes(), p.name)}" for p in pngs)
+
+
+def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
+    """Heatmap of a trainer run's backbone blocks before vs after fine-tuning on its test split."""
+    import torch
+    import yaml
+    from torch.utils.data import DataLoader, Subset
+
+    from repsim.compare import compare
+    from repsim.data import prepare
+    from repsim.models import create
+    from repsim.plot import heatmap
+
+    record = json.loads((run / "model.json").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    test = prepare(cfg["data"], data_root).datasets["test"]
+    subset = Subset(test, range(min(n_samples, len(test))))
+    loader = DataLoader(subset, batch_size=max(8, -(-len(subset) // 8)))  # about 8 batches for the bootstrap
+
+    def backbone(name: str) -> torch.nn.Module:
+        return create(record["name"], checkpoint=str(run / name), img_size=record["img_size"],
+                      in_chans=record["in_chans"], **record["kwargs"])
+
+    before, after = backbone("backbone_init.pt"), backbone("backbone_best.pt")
+    ds = compare(before, after, loader, layers_a=before.layer_names(), keep_batches=True, n_boot=200, progress=False)
+    for obj in (ds, *ds.data_vars.values()):
+        obj.attrs.update(model_a="before", model_b="after")
+    return heatmap(ds, annotate_ci=ds.sizes["layer_a"] <= 12,
+                   title=f"before vs after fine-tuning, n={len(subset)}\n(cells: 95% CI width)")
+
+
+def _run_cka(root: Path, data_root: str | Path | None, n_samples: int) -> str:
+    if not all((root / f).exists() for f in ("backbone_init.pt", "backbone_best.pt", "model.json", "config.yaml")):
+        return ""
+    try:
+        fig = run_cka(root, data_root, n_samples)
+    except FileNotFoundError as err:
+        return f'<h2>CKA before vs after</h2><p class="note">Not computed: {html.escape(str(err))} (pass --data-root).</p>'
+    return "<h2>CKA before vs after fine-tuning</h2>" + _png(fig)
+
+
+def build_report(run_dir: str | Path, *, data_root: str | Path | None = None, cka_samples: int = 256) -> str:
+    """The HTML text of the report of ``run_dir`` (a trainer run, experiment folders or a study)."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such run folder: {root}")
+    head = [f"<h1>repsim report: {html.escape(root.resolve().name)}</h1>", f"<p><code>{html.escape(str(root.resolve()))}</code></p>"]
+    if (root / "study.json").exists():
+        study = json.loads((root / "study.json").read_text())
+        head.append(f"<p>Transfer study of <b>{html.escape(study['label'])}</b>; stage seconds: "
+                    f"{html.escape(json.dumps(study['timings_s']))}</p>")
+        head.append(f"<details><summary>settings</summary><pre>{html.escape(json.dumps(study['settings'], indent=2))}</pre></details>")
+    body = [_tables(root), _figures(root), _run_cka(root, data_root, cka_samples), _curves(root)]
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>repsim report</title><style>" + STYLE +
+            "</style></head><body>" + "\n".join(head + [b for b in body if b]) + "</body></html>")
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, **kwargs: Any) -> Path:
+    """Write the report of ``run_dir`` to ``out`` (default ``run_dir/report.html``), atomically."""
+    path = Path(out) if out else Path(run_dir) / "report.html"
+    text = build_report(run_dir, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a self-contained HTML report of a run, experiment folder or study."""
+    path = write_report(args.run_dir, args.out, data_root=args.data_root, cka_samples=args.cka_samples)
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``report`` to the ``repsim`` command line."""
+    p = subparsers.add_parser("report", help="self-contained HTML report of a run or study (tables, curves, heatmaps)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a trainer run folder, a folder of experiments or a transfer study folder")
+    p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
+    p.add_argument("--data-root", help="folder the run's relative data root is resolved against (for its CKA)")
+    p.add_argument("--cka-samples", type=int, default=256, help="test images for a single run's CKA (default 256)")
+    p.set_defaults(func=cmd_report)
