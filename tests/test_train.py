@@ -182,6 +182,24 @@ def test_lr_search_seeds_table_and_reuse(data_root, tmp_path, capsys) -> None:
     assert "breastmnist, auc" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("scenario", "options", "trained_blocks"),
+                         [("frozen-stacked", {"decapitate": 1}, set()), ("unfrozen-linear", {"freeze_blocks": 1}, {1})])
+def test_scenarios_freeze_what_they_say(data_root, tmp_path, scenario, options, trained_blocks) -> None:
+    model = {**TINY_VIT, "scenario": scenario, "classifier": {"depth": 1, "embed_dim": 32, "num_heads": 2},
+             **options}
+    run(medmnist_spec("breastmnist", model, epochs=1), data_root=data_root, out=tmp_path, progress=False)
+    rd = only_run(tmp_path)
+    init, best = (torch.load(rd / n, weights_only=True) for n in ("backbone_init.pt", "backbone_best.pt"))
+    changed = {int(k.split(".")[2]) for k in init if k.startswith("model.blocks.") and not torch.equal(init[k], best[k])}
+    assert changed == trained_blocks
+    rec = json.loads((rd / "model.json").read_text())
+    assert {k: rec[k] for k in options} == options
+    assert rec["classifier"] == (model["classifier"] if scenario.endswith("stacked") else {})
+    rebuilt = models.create(rec["name"], checkpoint=rd / "backbone_best.pt", img_size=rec["img_size"],
+                            in_chans=rec["in_chans"], decapitate=rec["decapitate"], **rec["kwargs"])
+    assert rebuilt.num_blocks == (1 if rec["decapitate"] else 2)
+
+
 def test_knn_spec(data_root, tmp_path) -> None:
     spec = {**medmnist_spec("breastmnist"), "knn": {"k": 20, "temperature": 0.07, "batch_size": 256}}
     res = run(spec, data_root=data_root, out=tmp_path, kind="knn", progress=False)["breastmnist"]

@@ -115,11 +115,14 @@ def build_model(cfg: dict[str, Any], data: Data) -> tuple[torch.nn.Module, dict[
                          f"in_chans={in_chans}; set data.channels={in_chans} to convert the images")
     backbone = models.create(mc["name"], pretrained=bool(mc["pretrained"]), checkpoint=mc["checkpoint"],
                              img_size=img_size, in_chans=in_chans, **kwargs)
+    # model.classifier configures the appended classifier of the stacked scenarios; linear heads ignore it, so a
+    # spec can set it once for a grid over both heads.
+    classifier = dict(mc["classifier"] or {}) if mc["scenario"].endswith("-stacked") else {}
     model = models.build_classifier(backbone, mc["scenario"], data.info.num_classes,
                                     freeze_blocks=mc["freeze_blocks"], decapitate=mc["decapitate"],
-                                    classifier_kwargs=mc.get("classifier") or None)
+                                    classifier_kwargs=classifier or None)
     record = {"name": mc["name"], "kwargs": kwargs, "img_size": img_size, "in_chans": in_chans,
-              "scenario": mc["scenario"], "num_classes": data.info.num_classes, "classifier": mc.get("classifier") or {},
+              "scenario": mc["scenario"], "num_classes": data.info.num_classes, "classifier": classifier,
               "freeze_blocks": mc["freeze_blocks"], "decapitate": mc["decapitate"]}
     return model, record
 
