@@ -5,8 +5,9 @@ train split, upsampled from 28 to 64 px). Measured side by side in one process: 
 for any hook-based tool), repsim.compare, pytorch-cka and torch-cka. Each library's 12 x 12 unbiased minibatch CKA
 is checked against a float64 reference computed here from stored activations with the equations (Song et al.'s
 unbiased HSIC on Grams of centred features, averaged over batches as in Nguyen et al. 2021). Peak RSS growth is read
-from /proc/self/status (VmHWM, reset before each run through /proc/self/clear_refs). Times are the best of
-``--repeats`` interleaved runs, since a shared machine adds noise. A second table runs repsim at growing N to show
+from /proc/self/status (VmHWM, reset before each run through /proc/self/clear_refs), for the first run (which
+includes one-time costs such as imports) and the later ones. Wall and process CPU times are the best of
+``--repeats`` interleaved runs; on a shared machine the CPU-time ratio is the steadier one (use --threads 1 there). A second table runs repsim at growing N to show
 that its memory does not grow with the dataset.
 
     python bench/cka_stream.py [--data ../shared/data/medmnist/retinamnist.npz] [--threads 2] [--repeats 3]
@@ -59,14 +60,14 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def measure(fn: Callable[[], np.ndarray | None]) -> tuple[float, float, np.ndarray | None]:
-    """(seconds, peak RSS growth in MB over the RSS at the start, result) of one call."""
+def measure(fn: Callable[[], np.ndarray | None]) -> tuple[float, float, float, np.ndarray | None]:
+    """(wall seconds, process CPU seconds, peak RSS growth in MB over the RSS at the start, result) of one call."""
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     rss0 = _status("VmRSS")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
-    dt = time.perf_counter() - t
-    return dt, (_status("VmHWM") - rss0) / 2**20, out
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    return dt, dc, (_status("VmHWM") - rss0) / 2**20, out
 
 
 # ------------------------------------------------------------------------------------------------ contestants
@@ -161,36 +162,37 @@ def main() -> None:
         "pytorch-cka 1.1.3": lambda: run_pytorch_cka(ma, mb, loader),
         "torch-cka 0.21": lambda: run_torch_cka(ma, mb, loader),
     }
-    times: dict[str, list[float]] = {k: [] for k in contestants}
-    rss: dict[str, list[float]] = {k: [] for k in contestants}
+    runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in contestants}
     results: dict[str, np.ndarray | None] = {}
     for _ in range(args.repeats):
         for name, fn in contestants.items():
-            dt, grow, out = measure(fn)
-            times[name].append(dt)
-            rss[name].append(grow)
-            results[name] = out
+            dt, dc, grow, results[name] = measure(fn)
+            runs[name].append((dt, dc, grow))
     ref = reference(ma, mb, loader)
 
-    t_fwd = min(times["forward only (both models)"])
+    wall_fwd = min(r[0] for r in runs["forward only (both models)"])
+    cpu_fwd = min(r[1] for r in runs["forward only (both models)"])
     rows = []
-    for name in contestants:
+    for name, rs in runs.items():
         out = results[name]
         err = "-" if out is None else (f"{np.abs(out - ref).max():.1e}" if np.isfinite(out).all() else "NaN")
-        rows.append([name, f"{min(times[name]):.2f}", f"{min(times[name]) / t_fwd:.2f}x", f"{max(rss[name]):.0f}", err])
+        wall, cpu = min(r[0] for r in rs), min(r[1] for r in rs)
+        first, later = rs[0][2], min(r[2] for r in rs[1:]) if len(rs) > 1 else float("nan")
+        rows.append([name, f"{wall:.2f}", f"{wall / wall_fwd:.2f}x", f"{cpu:.2f}", f"{cpu / cpu_fwd:.2f}x", f"{first:.0f} / {later:.0f}", err])
     print(
         f"ViT-Tiny x2 (random init), {args.img_size} px, {len(LAYERS)} blocks, tokens flattened, N={args.n} RetinaMNIST,"
-        f" batch {args.batch_size}, {args.threads} threads, best of {args.repeats}\n"
+        f" batch {args.batch_size}, {args.threads} threads, best of {args.repeats} interleaved runs\n"
     )
-    print(table(["contestant", "time s", "vs forward", "peak RSS growth MB", "max |err| vs fp64"], rows))
+    header = ["contestant", "wall s", "vs fwd", "CPU s", "vs fwd", "RSS growth MB 1st/later", "max |err| vs fp64"]
+    print(table(header, rows))
 
     rows = []
     for n in (args.n // 4, args.n // 2, args.n):
         sub = DataLoader(TensorDataset(x[:n], torch.zeros(n)), batch_size=args.batch_size)
-        dt, grow, _ = measure(lambda: run_repsim(ma, mb, sub))
-        rows.append([str(n), f"{dt:.2f}", f"{grow:.0f}"])
+        dt, dc, grow, _ = measure(lambda: run_repsim(ma, mb, sub))
+        rows.append([str(n), f"{dt:.2f}", f"{dc:.2f}", f"{grow:.0f}"])
     print("\nrepsim.compare memory against dataset size\n")
-    print(table(["N", "time s", "peak RSS growth MB"], rows))
+    print(table(["N", "wall s", "CPU s", "peak RSS growth MB"], rows))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,11 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
             if not close:  # a pattern such as 'block.*' is closer to names' prefixes than to whole names
                 stem = pat.split("*")[0].split("?")[0].split("[")[0].rstrip(".")
                 close = difflib.get_close_matches(stem, names, n=5, cutoff=0.5)
-            hint = f"; close matches: {', '.join(close)}" if close else f"; the model has {len(names)} modules, e.g. {', '.join(names[:5])}"
+            hint = (
+                f"; close matches: {', '.join(close)}"
+                if close
+                else f"; the model has {len(names)} modules, e.g. {', '.join(names[:5])}"
+            )
             raise ValueError(f"layer {pat!r} matches no module of {type(model).__name__}{hint}")
         selected.update(hits)
     return [n for n in names if n in selected]
@@ -101,7 +105,9 @@ def output_tensor(output: Any, name: str) -> torch.Tensor:
     raise TypeError(f"layer {name!r}: cannot find a tensor in its output of type {type(output).__name__}")
 
 
-def pool_tensor(t: torch.Tensor, pool: Pool, *, name: str = "layer", num_prefix_tokens: int = 0, layout: Layout = "auto") -> torch.Tensor:
+def pool_tensor(
+    t: torch.Tensor, pool: Pool, *, name: str = "layer", num_prefix_tokens: int = 0, layout: Layout = "auto"
+) -> torch.Tensor:
     """Pool one layer output ``t`` (B, ...) per the module-level policy; ``name`` is used in error messages."""
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -118,13 +124,20 @@ def pool_tensor(t: torch.Tensor, pool: Pool, *, name: str = "layer", num_prefix_
             return t[:, 0]
         if pool == "mean":
             if t.shape[1] <= num_prefix_tokens:
-                raise ValueError(f"layer {name!r}: {t.shape[1]} tokens leave no patch token after {num_prefix_tokens} prefix tokens")
+                raise ValueError(
+                    f"layer {name!r}: {t.shape[1]} tokens leave no patch token after {num_prefix_tokens} prefix tokens"
+                )
             return t[:, num_prefix_tokens:].mean(1)
-        raise ValueError(f"layer {name!r}: pool='gap' is for (B, C, H, W) maps, this output is tokens {tuple(t.shape)}; use 'mean'")
+        raise ValueError(
+            f"layer {name!r}: pool='gap' is for (B, C, H, W) maps, this output is tokens {tuple(t.shape)}; use 'mean'"
+        )
     if t.ndim == 4:
         if pool == "gap":
             return t.mean((1, 2) if _channels_last(t, layout) else (2, 3))
-        raise ValueError(f"layer {name!r}: pool={pool!r} is for token outputs, this output is a feature map {tuple(t.shape)}; use 'gap' or 'flatten'")
+        raise ValueError(
+            f"layer {name!r}: pool={pool!r} is for token outputs, this output is a feature map {tuple(t.shape)}; "
+            "use 'gap' or 'flatten'"
+        )
     raise ValueError(f"layer {name!r}: pool={pool!r} does not apply to an output of shape {tuple(t.shape)}; use 'flatten'")
 
 
@@ -247,15 +260,6 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, Any]:
     raise TypeError(f"loader items must be a tensor, an (x, y) pair or a dict, got {type(batch).__name__}")
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a parameter-free model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def prepare_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """Move ``x`` to the model's device and floating dtype."""
     p = next(model.parameters(), None)
@@ -270,10 +274,10 @@ def _batch_dataset(acts: Mapping[str, torch.Tensor], labels: Any, start: int, n:
     for name, t in acts.items():
         if t.shape[0] != n:
             raise ValueError(f"layer {name!r}: output has {t.shape[0]} rows for a batch of {n} samples")
+        if t.ndim not in (2, 3):
+            raise ValueError(f"layer {name!r}: cannot store pooled output of shape {tuple(t.shape)}")
         a = t.float().cpu().numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.cpu().numpy()
         dims = ("sample", f"{name}:feature") if a.ndim == 2 else ("sample", f"{name}:token", f"{name}:feature")
-        if a.ndim > 3:
-            raise ValueError(f"layer {name!r}: cannot store pooled output of shape {a.shape}")
         data[name] = (dims, a)
     coords: dict[str, Any] = {"sample": np.arange(start, start + n)}
     if labels is not None:

@@ -83,7 +83,7 @@ def load_data(spec: str, *, img_size: int, split: str = "test", n_samples: int |
     data: Dataset = ImageDataset(source, list(indices), transform, channels=3)
     if n_samples is not None:
         if n_samples > len(data):  # type: ignore[arg-type]
-            raise ValueError(f"--n-samples {n_samples} exceeds the {len(data)} samples of {spec} ({split})")  # type: ignore[arg-type]
+            raise ValueError(f"--n-samples {n_samples} exceeds the {len(data)} samples of {spec} ({split})")  # type: ignore
         data = Subset(data, range(n_samples))
     return data
 
@@ -141,7 +141,8 @@ def _demo_data(data_root: str | None, img_size: int, n_train: int, n_test: int) 
         from repsim.data.synthetic import SyntheticPatterns
 
         train = SyntheticPatterns(n_train, img_size=img_size, split="train")  # 4 classes
-        return train, SyntheticPatterns(n_test, img_size=img_size, split="test"), train.num_classes, "synthetic textured patches (built-in)"
+        test = SyntheticPatterns(n_test, img_size=img_size, split="test")
+        return train, test, train.num_classes, "synthetic textured patches (built-in)"
     npz = Path(data_root).expanduser() / "medmnist" / "retinamnist.npz"
     if not npz.is_file():
         raise FileNotFoundError(f"--data-root: expected {npz}")
@@ -172,8 +173,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     train, test, num_classes, what = _demo_data(args.data_root, args.img_size, args.n_train, args.n_test)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=args.img_size, patch_size=4, embed_dim=64, depth=6, num_heads=2, mlp_ratio=2.0,
-        num_classes=num_classes,
+        "vit_tiny_patch16_224", pretrained=False, img_size=args.img_size, patch_size=4, embed_dim=64, depth=6,
+        num_heads=2, mlp_ratio=2.0, num_classes=num_classes,
     )
     init = copy.deepcopy(model)
     train_loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
@@ -225,7 +226,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--layers", nargs="+", help="names or glob patterns, e.g. 'blocks.*' (default: the model's blocks)")
     p.add_argument("--layers-b", nargs="+", help="layers of model B (default: as --layers)")
     p.add_argument("--pool", default="flatten", choices=["flatten", "cls", "mean", "tokens", "gap"])
-    p.add_argument("--data", default="synthetic", help="'synthetic', a MedMNIST .npz file or an image folder (root/<class>/<img>)")
+    p.add_argument(
+        "--data", default="synthetic", help="'synthetic', a MedMNIST .npz file or an image folder (root/<class>/<img>)"
+    )
     p.add_argument("--split", default="test", help="split of a MedMNIST .npz (train, val, test)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)

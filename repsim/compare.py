@@ -48,13 +48,19 @@ def _stream_grams(
     def to_gram(tag: str) -> Any:
         def transform(layer: str, t: torch.Tensor) -> torch.Tensor:
             if t.shape[0] != batch_n[0]:
-                raise ValueError(f"{tag}:{layer}: output has {t.shape[0]} rows for a batch of {batch_n[0]} samples (not one row per sample)")
+                raise ValueError(
+                    f"{tag}:{layer}: output has {t.shape[0]} rows for a batch of {batch_n[0]} samples "
+                    "(not one row per sample)"
+                )
             return gram_vector(t, name=f"{tag}:{layer}", estimator=estimator)
 
         return transform
 
     with ExitStack() as stack:
-        acts = {tag: stack.enter_context(capture(m, layers[tag], pool[tag], transform=to_gram(tag))) for tag, m in models.items()}
+        acts = {
+            tag: stack.enter_context(capture(m, layers[tag], pool[tag], transform=to_gram(tag)))
+            for tag, m in models.items()
+        }
         stack.enter_context(torch.no_grad())
         for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
             x, _ = split_batch(batch)
@@ -116,7 +122,8 @@ def compare(
         models, layers = {name_a: model_a, name_b: mb}, {name_a: names_a, name_b: names_b}
     pools = dict.fromkeys(models, pool)
     sel_a, sel_b = set(names_a), set(names_b)
-    with closing(_stream_grams(models, layers, loader, pool=pools, estimator=estimator, progress=progress, desc="cka")) as stream:
+    stream = _stream_grams(models, layers, loader, pool=pools, estimator=estimator, progress=progress, desc="cka")
+    with closing(stream):
         for n, grams in stream:
             ga = {k: v for k, v in grams[name_a].items() if _base(k) in sel_a}
             if within:
@@ -159,7 +166,8 @@ def compare_many(
     resolved = {k: resolve_layers(m, spec[k]) for k, m in models.items()}
     pools = {k: (pool[k] if isinstance(pool, Mapping) else pool) for k in models}
     engine = MinibatchCKA(estimator=estimator, model_a=", ".join(models), keep_batches=keep_batches)
-    with closing(_stream_grams(models, resolved, loader, pool=pools, estimator=estimator, progress=progress, desc="cka")) as stream:
+    stream = _stream_grams(models, resolved, loader, pool=pools, estimator=estimator, progress=progress, desc="cka")
+    with closing(stream):
         for n, grams in stream:  # closing: hooks are removed at once if an update raises
             engine.update_grams({f"{tag}/{k}": v for tag, g in grams.items() for k, v in g.items()}, None, n=n)
     out = _finish(engine, keep_batches, n_boot, ci, seed)
@@ -167,7 +175,10 @@ def compare_many(
     model_of = [k.split("/", 1)[0] for k in keys]
     module_of = [k.split("/", 1)[1] for k in keys]
     return out.assign_coords(
-        model_a=("layer_a", model_of), module_a=("layer_a", module_of), model_b=("layer_b", model_of), module_b=("layer_b", module_of)
+        model_a=("layer_a", model_of),
+        module_a=("layer_a", module_of),
+        model_b=("layer_b", model_of),
+        module_b=("layer_b", module_of),
     )
 
 
@@ -210,11 +221,17 @@ def cka_matrix(
         if "sample" in a.coords and "sample" in b.coords and not np.array_equal(a["sample"].values, b["sample"].values):
             raise ValueError("ds_a and ds_b hold different 'sample' coordinates (not the same samples in the same order)")
     engine = MinibatchCKA(
-        estimator=estimator, model_a=str(a.attrs.get("model", "a")), model_b=None if b is None else str(b.attrs.get("model", "b")), keep_batches=keep_batches
+        estimator=estimator,
+        model_a=str(a.attrs.get("model", "a")),
+        model_b=None if b is None else str(b.attrs.get("model", "b")),
+        keep_batches=keep_batches,
     )
     bounds = np.linspace(0, n, math.ceil(n / batch_size) + 1).round().astype(int)
     for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="cka", unit="batch", disable=not progress):
-        ga = {v: gram_vector(a[v].isel(sample=slice(lo, hi)).values, name=f"a:{v}", estimator=estimator) for v in vars_a}
-        gb = None if b is None else {v: gram_vector(b[v].isel(sample=slice(lo, hi)).values, name=f"b:{v}", estimator=estimator) for v in vars_b or []}
+        rows = slice(lo, hi)
+        ga = {v: gram_vector(a[v].isel(sample=rows).values, name=f"a:{v}", estimator=estimator) for v in vars_a}
+        gb = None
+        if b is not None:
+            gb = {v: gram_vector(b[v].isel(sample=rows).values, name=f"b:{v}", estimator=estimator) for v in vars_b or []}
         engine.update_grams(ga, gb, n=int(hi - lo))
     return _finish(engine, keep_batches, n_boot, ci, seed)

@@ -51,7 +51,8 @@ def default_title(da: xr.DataArray) -> str:
     """"<model_a> vs <model_b>" and the estimator / sample count from the matrix's attrs (empty when absent)."""
     a, b = da.attrs.get("model_a"), da.attrs.get("model_b")
     head = f"{a} vs {b}" if a and b and a != b else str(a or b or "")
-    details = ", ".join(str(x) for x in (da.attrs.get("estimator"), f"n={da.attrs['n_samples']}" if "n_samples" in da.attrs else None) if x)
+    n = f"n={da.attrs['n_samples']}" if "n_samples" in da.attrs else None
+    details = ", ".join(str(x) for x in (da.attrs.get("estimator"), n) if x)
     return "\n".join(x for x in (head, details) if x)
 
 
@@ -95,12 +96,14 @@ def heatmap(
     if annotate_ci and width is None:
         raise ValueError("annotate_ci needs a Dataset with 'lower' and 'upper' (compare(..., keep_batches=True))")
     if ax is None:
-        fig = Figure(figsize=(1.6 + 0.35 * max(6, da.sizes["layer_b"]), 1.2 + 0.3 * max(6, da.sizes["layer_a"])), layout="constrained")
+        size = (1.6 + 0.35 * max(6, da.sizes["layer_b"]), 1.2 + 0.3 * max(6, da.sizes["layer_a"]))
+        fig = Figure(figsize=size, layout="constrained")
         ax = fig.add_subplot()
     annot = np.asarray(width.values) if annotate_ci and width is not None else False
     sns.heatmap(
         np.asarray(da.values, dtype=float), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=cbar,
-        cbar_kws={"label": "CKA"} if cbar else None, annot=annot, fmt=".2f", annot_kws={"fontsize": 6}, xticklabels=False, yticklabels=False,
+        cbar_kws={"label": "CKA"} if cbar else None, annot=annot, fmt=".2f", annot_kws={"fontsize": 6},
+        xticklabels=False, yticklabels=False,
     )
     ax.invert_yaxis()  # row 0 (first layer) at the bottom
     (model_a, names_a), (model_b, names_b) = _axis(da, "a"), _axis(da, "b")
@@ -135,7 +138,8 @@ def heatmap_grid(
     fig = Figure(figsize=(panel_size * ncols + 1.0, panel_size * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, m in enumerate(matrices):
-        heatmap(m, ax=axes.flat[i], vmin=vmin, vmax=vmax, cmap=cmap, title=None if titles is None else titles[i], annotate_ci=annotate_ci, cbar=False)
+        title = None if titles is None else titles[i]
+        heatmap(m, ax=axes.flat[i], vmin=vmin, vmax=vmax, cmap=cmap, title=title, annotate_ci=annotate_ci, cbar=False)
     for ax in axes.flat[len(matrices) :]:
         ax.set_axis_off()
     fig.colorbar(axes.flat[0].collections[0], ax=list(axes.flat), label="CKA", shrink=0.8)

@@ -2,8 +2,8 @@
 
 Each image shows a disc or square patch at a random position, size and colour on a noisy random background; the
 class is the texture inside the patch (horizontal, vertical or diagonal stripes, checkerboard, dots, plain) with a
-random period and phase, so it is visible locally and a small ViT learns it within a few epochs on a CPU. Sample ``i`` of a split is a pure function of
-``(seed, split, i)``, so the dataset is identical on every machine and in every worker, and needs no storage.
+random period and phase, so it is visible locally and a small ViT learns it within a few epochs on a CPU.
+Sample ``i`` of a split is a pure function of ``(seed, split, i)``, so the dataset is identical on every machine and in every worker, and needs no storage.
 """
 
 from __future__ import annotations
