@@ -20,7 +20,8 @@ NIH = {"dataset": "nih_cxr14", "root": "nih_cxr14_examples", "csv": "labels.csv"
 def test_medmnist_official_splits_and_info(data_root) -> None:
     breast = prepare({"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist", "img_size": 28}, data_root)
     assert {k: len(v) for k, v in breast.split.items()} == {"train": 546, "val": 78, "test": 156}
-    assert (breast.info.task, breast.info.metric, breast.info.channels, breast.info.num_classes) == ("binary", "auc", 1, 2)
+    info = breast.info
+    assert (info.task, info.metric, info.channels, info.num_classes) == ("binary", "auc", 1, 2)
     x, y = breast.datasets["val"][0]
     assert x.shape == (1, 28, 28) and y.dtype == torch.long
     retina = prepare({"dataset": "medmnist", "root": "medmnist", "flag": "retinamnist", "img_size": 32}, data_root)
@@ -31,7 +32,7 @@ def test_medmnist_official_splits_and_info(data_root) -> None:
 
 def test_random_split_is_seeded_grouped_and_near_fractions() -> None:
     groups = np.repeat(np.arange(500), np.random.default_rng(0).integers(1, 5, 500))
-    a, b = split_indices(len(groups), (0.7, 0.15, 0.15), 42, groups), split_indices(len(groups), (0.7, 0.15, 0.15), 42, groups)
+    a, b = (split_indices(len(groups), (0.7, 0.15, 0.15), 42, groups) for _ in range(2))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["test"], split_indices(len(groups), (0.7, 0.15, 0.15), 1, groups)["test"])
     sets = [set(groups[a[k]]) for k in ("train", "val", "test")]
@@ -50,7 +51,8 @@ def test_ham10000_csv_loader_splits_by_lesion_and_matches_folders(data_root, tmp
     assert data.info.classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert data.info.task == "multiclass" and data.info.metric == "balanced_accuracy"
     lesions = {k: set(data.source.groups[v]) for k, v in data.split.items()}
-    assert not (lesions["train"] & lesions["test"] or lesions["train"] & lesions["val"] or lesions["val"] & lesions["test"])
+    assert not (lesions["train"] & lesions["test"] or lesions["train"] & lesions["val"]
+                or lesions["val"] & lesions["test"])
     # every image resolved inside its class folder and labelled as that folder
     assert all(p.parent.name == data.info.classes[t] for p, t in zip(data.source.images, data.source.targets))
     folder = prepare({"dataset": "image_folder", "root": "ham10000_sample", "img_size": 32}, data_root)
@@ -90,7 +92,8 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(data_root) -> None:
 
 def _png(path, mode="RGB", size=(40, 30)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(path)
+    pixels = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
 
 
 def test_paper_dataset_layouts(tmp_path) -> None:

@@ -348,7 +348,8 @@ def cbis_ddsm(root: Path, csv: str | Sequence[str] = "cbis_ddsm.csv", image_col:
 def nih_cxr14(root: Path, csv: str = "Data_Entry_2017.csv", image_dir: str = "images") -> Source:
     """NIH ChestX-ray14 (``Finding Labels`` joined by ``|``, "No Finding" = all zeros), grouped by patient."""
     return csv_images(root, csv, "Image Index", "Finding Labels", label_sep="|", classes=NIH_CXR14_LABELS,
-                      none_label="No Finding", group_col="Patient ID", image_dir=image_dir, channels=1, name="nih_cxr14", metric="auc")
+                      none_label="No Finding", group_col="Patient ID", image_dir=image_dir, channels=1,
+                      name="nih_cxr14", metric="auc")
 
 
 READERS: dict[str, Callable[..., Source]] = {
@@ -368,7 +369,7 @@ def load_source(dataset: str, root: str | Path, **kwargs) -> Source:
 
 
 def with_channels(info: DatasetInfo, channels: int) -> DatasetInfo:
-    """``info`` for images converted to ``channels``: grayscale statistics repeated for 3 channels, RGB ones averaged."""
+    """``info`` for images converted to ``channels``: gray statistics repeated for 3 channels, RGB ones averaged."""
     if channels == info.channels:
         return info
     if channels not in (1, 3):

@@ -143,7 +143,7 @@ def _grids(spec_grid: Any) -> list[dict[str, list]]:
     grids = spec_grid if isinstance(spec_grid, list) else [spec_grid or {}]
     for grid in grids:
         if not isinstance(grid, Mapping):
-            raise ValueError(f"grid must be a mapping of dotted keys to lists, or a list of such mappings; got {grid!r}")
+            raise ValueError(f"grid must map dotted keys to lists, or be a list of such mappings; got {grid!r}")
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"grid axis {key!r} must be a non-empty list")
