@@ -149,12 +149,15 @@ def _channels_last(t: torch.Tensor, layout: Layout) -> bool:
 
 
 def model_prefix_tokens(model: nn.Module) -> int:
-    """Class + register tokens before the patch tokens: ``model.num_prefix_tokens`` (timm, repsim Backbone), else 1
-    when the model has a ``cls_token``, else 0."""
+    """Class + register tokens before the patch tokens: ``model.num_prefix_tokens`` (timm, repsim Backbone); else,
+    when the model (or its Hugging Face ``embeddings``) has a ``cls_token``, 1 + ``config.num_register_tokens``;
+    else 0."""
     n = getattr(model, "num_prefix_tokens", None)
     if n is not None:
         return int(n)
-    return 1 if getattr(model, "cls_token", None) is not None else 0
+    if getattr(model, "cls_token", None) is None and getattr(getattr(model, "embeddings", None), "cls_token", None) is None:
+        return 0
+    return 1 + int(getattr(getattr(model, "config", None), "num_register_tokens", 0) or 0)
 
 
 # ------------------------------------------------------------------------------------------------------ capture

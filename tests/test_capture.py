@@ -100,6 +100,24 @@ def test_token_pooling_skips_prefix_and_register_tokens(vit: nn.Module) -> None:
     torch.testing.assert_close(acts["flatten"], tokens.reshape(5, -1))
 
 
+def test_hf_vit_prefix_tokens_from_its_config() -> None:
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    cfg = Dinov2WithRegistersConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8,
+        num_register_tokens=2,
+    )
+    torch.manual_seed(0)
+    m, x = Dinov2WithRegistersModel(cfg), torch.randn(3, 3, 16, 16)
+    pooled = {}
+    for pool in ("tokens", "mean"):
+        with capture(m, "encoder.layer.*", pool=pool) as acts, torch.no_grad():
+            m(x)
+            pooled[pool] = acts["encoder.layer.1"]
+    assert pooled["tokens"].shape == (3, 1 + 2 + 4, 16)  # class, 2 registers, 2 x 2 patches
+    torch.testing.assert_close(pooled["mean"], pooled["tokens"][:, 3:].mean(1))
+
+
 def test_map_pooling_and_errors() -> None:
     nchw = torch.randn(2, 8, 4, 4)
     torch.testing.assert_close(pool_tensor(nchw, "gap"), nchw.mean((2, 3)))
