@@ -56,11 +56,11 @@ DATASETS: dict[str, dict[str, Any]] = {
     "isic2019": {"dataset": "isic2019", "root": "ISIC2019"},
     "chexpert": {"dataset": "chexpert", "root": "CheXpert"},
 }
-# Built-in synthetic tasks (repsim.data.synthetic), written once as image folders under <out>/data: the source has
-# six texture classes, the target four of them drawn with another seed.
+# Built-in synthetic tasks (repsim.data.synthetic), written once as image folders under <out>/data (random
+# 80/10/10 split): the source has six texture classes, the target four of them drawn with another seed.
 SYNTHETIC: dict[str, dict[str, int]] = {
-    "synthetic-source": {"n": 2400, "num_classes": 6, "seed": 1},
-    "synthetic-target": {"n": 1200, "num_classes": 4, "seed": 2},
+    "synthetic-source": {"num_classes": 6, "seed": 1},
+    "synthetic-target": {"num_classes": 4, "seed": 2},
 }
 PAPER_LR_GRID = [1.0e-5, 5.0e-5, 2.0e-4, 1.0e-3]  # 4 values in [1e-5, 1e-3], as the packaged table specs
 STACKED = ("frozen-stacked", "unfrozen-stacked")
@@ -74,7 +74,7 @@ class Settings:
 
     model: str = "vit_tiny_patch16_224"
     model_kwargs: dict[str, Any] = field(
-        default_factory=lambda: {"patch_size": 4, "depth": 6, "embed_dim": 64, "num_heads": 2})
+        default_factory=lambda: {"patch_size": 4, "depth": 6, "embed_dim": 48, "num_heads": 2})
     img_size: int = 28
     pretrained: bool = False  # start from the library's pretrained weights (skips pretraining)
     checkpoint: str | None = None  # start from a local Backbone checkpoint (skips pretraining)
@@ -83,12 +83,12 @@ class Settings:
     scenarios: tuple[str, ...] = ("frozen-linear", "frozen-stacked", "unfrozen-linear", "unfrozen-stacked")
     scratch: bool = True
     classifier: dict[str, Any] = field(
-        default_factory=lambda: {"model": "deit_tiny_patch16_224", "depth": 2, "embed_dim": 64, "num_heads": 2})
+        default_factory=lambda: {"model": "deit_tiny_patch16_224", "depth": 2, "embed_dim": 48, "num_heads": 2})
     pretrain: dict[str, Any] = field(default_factory=lambda: {
         "epochs": 6, "batch_size": 64, "lr": 1.0e-3, "warmup_epochs": 1, "patience": 2, "max_plateaus": 1,
         "weight_decay": 0.05, "num_workers": 0})
     train: dict[str, Any] = field(default_factory=lambda: {
-        "epochs": 8, "batch_size": 64, "lr_grid": PAPER_LR_GRID, "seeds": 3, "warmup_epochs": 1, "patience": 2,
+        "epochs": 6, "batch_size": 64, "lr_grid": PAPER_LR_GRID, "seeds": 3, "warmup_epochs": 1, "patience": 2,
         "max_plateaus": 2, "num_workers": 0})
     freeze_blocks: list[int] | None = None
     decapitate: list[int] | None = None
@@ -97,6 +97,7 @@ class Settings:
     knn: dict[str, Any] = field(default_factory=lambda: {"k": 200, "temperature": 0.1, "batch_size": 256})
     cka_batch_size: int = 32
     n_boot: int = 1000
+    synthetic_samples: int = 2000  # images per built-in synthetic task
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""
@@ -191,18 +192,19 @@ def _load_nc(path: Path) -> xr.Dataset:
         return ds.load()
 
 
-def materialise_synthetic(name: str, root: Path, img_size: int) -> Path:
-    """Write the built-in synthetic task ``name`` as an image folder ``root/<name>/<class>/<i>.png`` (once)."""
+def materialise_synthetic(name: str, root: Path, img_size: int, n: int) -> Path:
+    """Write ``n`` images of the built-in synthetic task ``name`` as an image folder
+    ``root/<name>-<n>px<img_size>/<class>/<i>.png`` (once), for the trainer's ``image_folder`` reader."""
     from PIL import Image
 
     from repsim.data.synthetic import SyntheticPatterns
 
-    folder = root / name
+    folder = root / f"{name}-{n}px{img_size}"
     done = folder / ".complete"
     if done.exists():
         return folder
     spec = SYNTHETIC[name]
-    data = SyntheticPatterns(spec["n"], img_size=img_size, num_classes=spec["num_classes"], seed=spec["seed"])
+    data = SyntheticPatterns(n, img_size=img_size, num_classes=spec["num_classes"], seed=spec["seed"])
     for i in tqdm(range(len(data)), desc=f"writing {name}", leave=False):
         x, y = data[i]
         pixels = ((x.numpy() * 0.25 + 0.5).clip(0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
@@ -215,7 +217,8 @@ def materialise_synthetic(name: str, root: Path, img_size: int) -> Path:
 def data_block(name: str, settings: Settings, out: Path) -> dict[str, Any]:
     """The trainer ``data`` block of dataset ``name``: 3 channels (so one backbone reads every task), study size."""
     if name in SYNTHETIC:
-        block = {"dataset": "image_folder", "root": str(materialise_synthetic(name, out / "data", settings.img_size))}
+        folder = materialise_synthetic(name, out / "data", settings.img_size, settings.synthetic_samples)
+        block = {"dataset": "image_folder", "root": str(folder)}
     else:
         block = dict(DATASETS[name])
     return {**block, "img_size": settings.img_size, "channels": 3}
@@ -261,6 +264,18 @@ def _knn_task(cfg: dict[str, Any], exp_dir: str, data_root: str | None) -> dict[
     return json.loads(done.read_text()) if done.exists() else run_knn(cfg, Path(exp_dir), data_root=data_root)
 
 
+class _Deferred:
+    """A call run on first ``result()`` (the in-process stand-in for a Future)."""
+
+    def __init__(self, fn: Callable[..., dict[str, Any]], args: tuple) -> None:
+        self.fn, self.args, self.value = fn, args, None
+
+    def result(self) -> dict[str, Any]:
+        if self.value is None:
+            self.value = self.fn(*self.args)
+        return self.value
+
+
 class _Pool:
     """Runs independent trainer tasks in ``jobs`` worker processes of ``threads`` torch threads each, or in this
     process when ``jobs == 1``. Tiny models gain little from intra-op threads and lose badly to them on a busy
@@ -272,21 +287,24 @@ class _Pool:
         self.executor = None if jobs == 1 else ProcessPoolExecutor(
             jobs, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
 
-    def map(self, fn: Callable[..., dict[str, Any]], tasks: Mapping[str, tuple], desc: str) -> dict[str, dict]:
-        """``{key: fn(*args)}`` over ``tasks = {key: args}`` with one progress bar."""
+    def submit(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Any:
+        """Start ``fn(*args)`` in a worker; with ``jobs == 1`` it runs when its ``result()`` is first asked for."""
+        return _Deferred(fn, args) if self.executor is None else self.executor.submit(fn, *args)
+
+    @staticmethod
+    def gather(futures: Mapping[str, Any], desc: str) -> dict[str, dict]:
+        """``{key: result}`` of submitted tasks, in order, with one progress bar."""
         out: dict[str, dict] = {}
-        with tqdm(total=len(tasks), desc=desc, unit="exp") as bar:
-            if self.executor is None:
-                for key, args in tasks.items():
-                    bar.set_postfix_str(key)
-                    out[key] = fn(*args)
-                    bar.update()
-            else:
-                futures = {key: self.executor.submit(fn, *args) for key, args in tasks.items()}
-                for key, fut in futures.items():
-                    out[key] = fut.result()
-                    bar.update()
+        with tqdm(total=len(futures), desc=desc, unit="exp") as bar:
+            for key, fut in futures.items():
+                bar.set_postfix_str(key)
+                out[key] = fut.result()
+                bar.update()
         return out
+
+    def map(self, fn: Callable[..., dict[str, Any]], tasks: Mapping[str, tuple], desc: str) -> dict[str, dict]:
+        """``{key: fn(*args)}`` over ``tasks = {key: args}``."""
+        return self.gather({key: self.submit(fn, *args) for key, args in tasks.items()}, desc)
 
     def close(self) -> None:
         if self.executor is not None:
@@ -327,34 +345,45 @@ class Study:
                                        Path(self.s.checkpoint).name if self.s.checkpoint else self.s.source)
 
     # ----- stages
-    def pretrain(self, pool: _Pool) -> dict[str, Any]:
+    def submit_pretraining(self, pool: _Pool) -> Any:
+        """Start pretraining on the source task (None when the start is given: ``pretrained`` or ``checkpoint``)."""
+        if self.s.pretrained or self.s.checkpoint is not None:
+            return None
+        cfg = resolved_config(data_block(self.s.source, self.s, self.out),
+                              self._model("unfrozen-linear", {"pretrained": False, "checkpoint": None}),
+                              {**self.s.pretrain, "device": self.device, "seeds": 1, "lr_grid": None})
+        return pool.submit(_train_task, cfg, str(self.out / "pretrain" / self.s.source), self.data_root)
+
+    def pretrain(self, pretraining: Any) -> dict[str, Any]:
         """The starting weights (trainer ``model`` fields): the library's, a checkpoint, or pretrained here."""
         if self.s.pretrained:
             return {"pretrained": True, "checkpoint": None}
         if self.s.checkpoint is not None:
             return {"pretrained": False, "checkpoint": str(Path(self.s.checkpoint).resolve())}
-        cfg = resolved_config(data_block(self.s.source, self.s, self.out),
-                              self._model("unfrozen-linear", {"pretrained": False, "checkpoint": None}),
-                              {**self.s.pretrain, "device": self.device, "seeds": 1, "lr_grid": None})
-        exp = self.out / "pretrain" / self.s.source
-        res = pool.map(_train_task, {self.s.source: (cfg, str(exp), self.data_root)}, "pretrain")[self.s.source]
-        self.pretrain_results = res
-        return {"pretrained": False, "checkpoint": str(run_dirs(exp)[0] / "backbone_best.pt")}
+        self.pretrain_results = _Pool.gather({self.s.source: pretraining}, "pretrain")[self.s.source]
+        return {"pretrained": False,
+                "checkpoint": str(run_dirs(self.out / "pretrain" / self.s.source)[0] / "backbone_best.pt")}
 
-    def finetune(self, pool: _Pool, start: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
+    def scratch(self, pool: _Pool) -> dict[str, Any]:
+        """Submit the from-scratch baselines (they need no pretraining, so they run beside it)."""
+        scratch = self._model("unfrozen-linear", {"pretrained": False, "checkpoint": None})
+        return {f"{t}/scratch": pool.submit(_train_task, resolved_config(data_block(t, self.s, self.out), scratch,
+                                                                         self._train()),
+                                            str(self.out / "finetune" / t / "scratch"), self.data_root)
+                for t in (self.s.targets if self.s.scratch else ())}
+
+    def finetune(self, pool: _Pool, start: Mapping[str, Any], scratch: Mapping[str, Any]
+                 ) -> dict[str, dict[str, dict]]:
         tasks = {}
         for t in self.s.targets:
             data = data_block(t, self.s, self.out)
             for sc in self.s.scenarios:
                 tasks[f"{t}/{sc}"] = (resolved_config(data, self._model(sc, start), self._train()),
                                       str(self.out / "finetune" / t / sc), self.data_root)
-            if self.s.scratch:
-                scratch = self._model("unfrozen-linear", {"pretrained": False, "checkpoint": None})
-                tasks[f"{t}/scratch"] = (resolved_config(data, scratch, self._train()),
-                                         str(self.out / "finetune" / t / "scratch"), self.data_root)
         # longest first (fine-tuned backbones, then frozen ones) so parallel workers finish together
         order = sorted(tasks, key=lambda k: k.split("/")[1].startswith("frozen"))
-        return self._nest(pool.map(_train_task, {k: tasks[k] for k in order}, "fine-tune"))
+        futures = {**{k: pool.submit(_train_task, *tasks[k]) for k in order}, **scratch}
+        return self._nest(pool.gather(futures, "fine-tune"))
 
     def knn(self, pool: _Pool, start: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
         tasks = {}
@@ -405,7 +434,8 @@ class Study:
         for t in self.s.targets:
             folder = self.out / "cka" / t
             data = prepare(data_block(t, self.s, self.out), self.data_root)
-            loader = torch.utils.data.DataLoader(data.datasets["test"], batch_size=self.s.cka_batch_size)
+            test = data.datasets["test"]  # at least 4 batches, for the bootstrap over batches
+            loader = torch.utils.data.DataLoader(test, batch_size=min(self.s.cka_batch_size, max(4, len(test) // 4)))
             runs = {sc: run_dirs(self.out / "finetune" / t / sc, ft[t][sc]["lr"])[0] for sc in ft[t]}
             kw = {"device": device, "keep_batches": True, "n_boot": self.s.n_boot, "progress": False}
             mats: dict[str, Any] = {}
@@ -458,8 +488,10 @@ class Study:
         torch.set_num_threads(self.threads)
         pool = _Pool(self.jobs, self.threads)
         try:
-            start = self._timed("pretrain", self.pretrain, pool)
-            ft = self._timed("finetune", self.finetune, pool, start)
+            pretraining = self.submit_pretraining(pool)  # first: it is the critical path
+            scratch = self.scratch(pool)  # beside it
+            start = self._timed("pretrain", self.pretrain, pretraining)
+            ft = self._timed("finetune", self.finetune, pool, start, scratch)
             knn = self._timed("knn", self.knn, pool, start)
             curves = self._timed("curves", self.curves, pool, start, ft)
             pool.close()
@@ -701,3 +733,27 @@ def run_study(settings: Settings | str, out: str | Path, *, data_root: str | Pat
         settings = PRESETS[settings]
     return Study(replace(settings, **overrides), out, data_root=data_root, jobs=jobs, threads=threads,
                  device=device).run()
+
+
+def demo(out: str | Path, *, data_root: str | Path | None = None, epochs: int | None = None,
+         n_samples: int | None = None, jobs: int = 1) -> dict[str, Any]:
+    """``repsim demo``: the ``demo`` preset on the built-in synthetic tasks (no network, no files needed), or with
+    ``data_root`` on the real MedMNIST files (PneumoniaMNIST -> RetinaMNIST). Besides the study's outputs it writes
+    ``out/cka.nc`` and ``out/cka.png``: the backbone's blocks before vs after fine-tuning (Fig 7 style, bootstrap
+    CIs). ``epochs`` sets pretraining and fine-tuning epochs; ``n_samples`` the size of each synthetic task."""
+    s = PRESETS["demo"]
+    if data_root is None:
+        s = replace(s, source="synthetic-source", targets=("synthetic-target",),
+                    synthetic_samples=n_samples or s.synthetic_samples)
+    elif n_samples is not None:
+        raise ValueError("n_samples sizes the synthetic tasks; it does not apply with a data root")
+    if epochs is not None:
+        s = replace(s, pretrain={**s.pretrain, "epochs": epochs}, train={**s.train, "epochs": epochs})
+    summary = Study(s, out, data_root=data_root, jobs=jobs).run()
+    out = Path(out)
+    (target,) = s.targets
+    fig7_nc = out / "cka" / target / "fig7_unfrozen-linear.nc"
+    ds = _load_nc(fig7_nc)
+    _save_nc(ds, out / "cka.nc")
+    _save_png(fig7({target: {"fig7/unfrozen-linear": ds}}), out / "cka.png")
+    return summary
