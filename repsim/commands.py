@@ -1,10 +1,9 @@
 """Sub-commands ``repsim cka`` (layerwise CKA between two models on a dataset), ``repsim heatmap`` (re-render a saved
-matrix) and ``repsim demo`` (the built-in end-to-end example: no network, no arguments, about a minute on 2 cores)."""
+matrix) and ``repsim demo`` (the reduced transfer study: no network, no arguments, a few minutes on 2 cores)."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import time
 from collections.abc import Callable
@@ -16,15 +15,17 @@ import xarray as xr
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
-DEMO_HELP = """Train a small ViT briefly and compare it layer by layer with its own initialisation (CKA).
+DEMO_HELP = """The reduced transfer study (repsim.study, preset "demo"): pretrain a small ViT on a source task,
+fine-tune it on a target task (frozen/unfrozen, linear/stacked head, from-scratch baseline, a freezing curve),
+and compare its blocks before vs after fine-tuning with CKA (bootstrap CIs over batches).
 
-The default data is SYNTHETIC: repsim's built-in procedurally generated textured patches (4 classes, 32 px; see
-repsim.data.synthetic), so the demo needs no download and no network. To use real images instead, pass
---data-root DIR where DIR/medmnist/retinamnist.npz exists (e.g. the MedMNIST RetinaMNIST file); for your own
-models and data use `repsim cka --data FILE.npz|IMAGE_DIR`. Writes DIR/cka.nc (the block CKA matrix of both
-models' blocks, netCDF) and DIR/cka.png (init x init, trained x trained, init x trained heatmaps)."""
+The default data is SYNTHETIC: repsim's built-in procedurally generated textured patches (repsim.data.synthetic;
+source: 6 texture classes, target: 4 of them), so the demo needs no download and no network; a few minutes on 2
+cores. To use real images instead, pass --data-root DIR where DIR/medmnist/ holds the MedMNIST files
+pneumoniamnist.npz (source) and retinamnist.npz (target). Writes OUT/cka.nc (netCDF: cka, lower, upper) and
+OUT/cka.png (the heatmap), plus the study's tables.md, study.json and figures. The full study:
+analyses/transfer_study.py."""
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -135,83 +136,23 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- repsim demo
-def _demo_data(data_root: str | None, img_size: int, n_train: int, n_test: int) -> tuple[Dataset, Dataset, int, str]:
-    """(train, test, num_classes, description): built-in synthetic patterns, or RetinaMNIST under ``data_root``."""
-    if data_root is None:
-        from repsim.data.synthetic import SyntheticPatterns
-
-        train = SyntheticPatterns(n_train, img_size=img_size, split="train")  # 4 classes
-        test = SyntheticPatterns(n_test, img_size=img_size, split="test")
-        return train, test, train.num_classes, "synthetic textured patches (built-in)"
-    npz = Path(data_root).expanduser() / "medmnist" / "retinamnist.npz"
-    if not npz.is_file():
-        raise FileNotFoundError(f"--data-root: expected {npz}")
-    train = load_data(str(npz), img_size=img_size, split="train")
-    train = Subset(train, range(min(n_train, len(train))))  # type: ignore[arg-type]
-    test = load_data(str(npz), img_size=img_size, split="test")
-    return train, Subset(test, range(min(n_test, len(test)))), 5, f"RetinaMNIST ({npz.name})"  # type: ignore[arg-type]
-
-
-def _accuracy(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    hits = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            hits += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return hits / total
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Briefly train a small ViT on the built-in data and compare its blocks with its initialisation's."""
-    import timm
-
-    from repsim.compare import compare_many
-    from repsim.plot import heatmap_grid
+    """Run the reduced transfer study (``repsim.study.demo``) and write the before/after CKA heatmap."""
+    from repsim.study import demo, diagonal
 
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    train, test, num_classes, what = _demo_data(args.data_root, args.img_size, args.n_train, args.n_test)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=args.img_size, patch_size=4, embed_dim=64, depth=6,
-        num_heads=2, mlp_ratio=2.0, num_classes=num_classes,
-    )
-    init = copy.deepcopy(model)
-    train_loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
-    test_loader = DataLoader(test, batch_size=64, shuffle=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    steps = args.epochs * len(train_loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    with tqdm(total=steps, desc="train", unit="step") as bar:
-        for _ in range(args.epochs):
-            for x, y in train_loader:
-                loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    acc_init, acc_trained = _accuracy(init, test_loader), _accuracy(model, test_loader)
-    result = compare_many({"init": init, "trained": model}, test_loader, layers="blocks.*")
-    result = result.assign_attrs(data=what, accuracy_init=acc_init, accuracy_trained=acc_trained, epochs=args.epochs)
+    summary = demo(args.out, data_root=args.data_root, epochs=args.epochs, n_samples=args.n_samples, jobs=args.jobs)
     out = Path(args.out)
-    nc = save_netcdf(result, out / "cka.nc")
-
-    def block(a: str, b: str) -> xr.DataArray:
-        return result.sel(layer_a=result.model_a == a, layer_b=result.model_b == b)
-
-    fig = heatmap_grid(
-        [block("init", "init"), block("trained", "trained"), block("init", "trained")],
-        titles=["init vs init", f"trained vs trained (test acc {acc_trained:.0%})", "init vs trained"],
-    )
-    fig.suptitle(f"CKA of a ViT's blocks before and after {args.epochs} epochs on {what}", fontsize=10)
-    png = save_png(fig, out / "cka.png")
-    diag = block("init", "trained").values.diagonal()
-    print(f"data: {what}; test accuracy {acc_init:.1%} at init, {acc_trained:.1%} after training")
-    print("CKA(init block k, trained block k): " + " ".join(f"{v:.2f}" for v in diag))
-    print(f"wrote {nc} and {png} in {time.perf_counter() - start:.0f} s")
+    what = ("real MedMNIST: pretrained on PneumoniaMNIST, fine-tuned on RetinaMNIST" if args.data_root else
+            "synthetic textured patches (built-in): pretrained on 6 classes, fine-tuned on 4")
+    print((out / "tables.md").read_text())
+    with xr.open_dataset(out / "cka.nc", engine="h5netcdf") as ds:
+        d = diagonal(ds.load())
+    print(f"data: {what}")
+    print("CKA(block k before, block k after fine-tuning) [95% CI]: " +
+          "  ".join(f"{c:.2f} [{lo:.2f}, {hi:.2f}]" for c, lo, hi in zip(d["cka"], d["lower"], d["upper"])))
+    print(f"wrote {out / 'cka.nc'}, {out / 'cka.png'} and the study's tables/figures in "
+          f"{time.perf_counter() - start:.0f} s (stages: {summary['timings_s']})")
     return 0
 
 
@@ -250,13 +191,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--annotate-ci", action="store_true", help="write bootstrap CI widths in the cells")
     p.set_defaults(func=cmd_heatmap)
 
-    p = subparsers.add_parser("demo", help="built-in example: trained vs initial ViT, no network (synthetic data by default)",
+    p = subparsers.add_parser("demo", help="the reduced transfer study with CKA heatmaps, no network (synthetic data by default)",
                               description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="repsim-demo", help="output folder (default: ./repsim-demo)")
-    p.add_argument("--data-root", help="folder holding medmnist/retinamnist.npz, to use real images instead of synthetic ones")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--n-train", type=int, default=2048, help="training images (default 2048)")
-    p.add_argument("--n-test", type=int, default=512, help="held-out images for accuracy and CKA (default 512)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="repsim-demo", help="output folder (default: ./repsim-demo; re-running resumes)")
+    p.add_argument("--data-root", help="folder holding medmnist/pneumoniamnist.npz and retinamnist.npz, to use real images")
+    p.add_argument("--epochs", type=int, help="pretraining and fine-tuning epochs (default: 3 and 4)")
+    p.add_argument("--n-samples", type=int, help="images per synthetic task (default 2000)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel training processes")
     p.set_defaults(func=cmd_demo)
