@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+from functools import partial
 from typing import Any
 
 import timm
@@ -129,6 +130,8 @@ class SeemFocalBlock(FocalNetBlock):
         return self.norm2_post(x + self.drop_path2(self.ls2(self.mlp(x))))
 
 
+_seem_norm = partial(LayerNorm2d, eps=1e-5)  # SEEM's nn.LayerNorm (timm's FocalNet uses the same eps)
+
 # on top of focalnet_tiny_srf's embed_dim 96 and depths (2, 2, 6, 2)
 _SEEM_CFG = dict(
     focal_levels=(3, 3, 3, 3), focal_windows=(3, 3, 3, 3), use_overlap_down=True,
@@ -158,6 +161,7 @@ class SeemFocalNet(TimmBackbone):
                     focal_window=cfg["focal_windows"][i], normalize_modulator=cfg["normalize_modulator"],
                     use_post_norm_in_modulation=cfg.get("use_post_norm_in_modulation", False),
                     layerscale_value=cfg["layerscale_value"], drop_path=getattr(block.drop_path1, "drop_prob", 0.0),
+                    norm_layer=_seem_norm,
                 )
                 for block in stage.blocks
             ])
@@ -165,7 +169,7 @@ class SeemFocalNet(TimmBackbone):
         model.norm = nn.Identity()  # replaced by the per-stage output norms below
         super().__init__(model, name="seem_focalt", img_size=img_size, in_chans=in_chans)
         self.native_img_size = 224
-        self.out_norms = nn.ModuleList([LayerNorm2d(int(t["num_chs"])) for t in self._taps])
+        self.out_norms = nn.ModuleList([_seem_norm(int(t["num_chs"])) for t in self._taps])
         self.pooling = "global average pool of the last stage's output norm"
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
