@@ -37,8 +37,9 @@ def measure(name: str, *, batch: int, img_size: int, repeats: int) -> dict[str, 
             start = time.perf_counter()
             pooled = backbone(x)
             times.append(time.perf_counter() - start)
+    params = sum(p.numel() for p in backbone.parameters())
     row = {
-        "name": name, "source": backbone.source, "params_M": round(sum(p.numel() for p in backbone.parameters()) / 1e6, 1),
+        "name": name, "source": backbone.source, "params_M": round(params / 1e6, 1),
         "pooled_dim": int(pooled.shape[1]), "tokens": int(tokens.shape[1]), "token_dim": int(tokens.shape[2]),
         "blocks": backbone.num_blocks, "forward_s": round(statistics.median(times), 3), "build_s": round(build_s, 1),
     }
@@ -59,7 +60,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [measure(n, batch=args.batch, img_size=args.img_size, repeats=args.repeats) for n in tqdm(args.models)]
     cols = ["name", "source", "params_M", "pooled_dim", "tokens", "token_dim", "blocks", "forward_s", "build_s"]
-    print(f"\nbatch {args.batch} at {args.img_size} px, {args.threads} CPU threads, random init, median of {args.repeats}")
+    print(f"\nbatch {args.batch} at {args.img_size} px, {args.threads} CPU threads, random init, "
+          f"median of {args.repeats}")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:

@@ -267,7 +267,9 @@ def test_checkpoint_errors_name_the_keys(tmp_path) -> None:
     torch.save(cut.state_dict(), tmp_path / "cut.pt")
     with pytest.raises(ValueError, match="saved after decapitate"):
         create("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, checkpoint=tmp_path / "cut.pt")
-    rebuilt = create("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, decapitate=1, checkpoint=tmp_path / "cut.pt")
+    rebuilt = create(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, decapitate=1, checkpoint=tmp_path / "cut.pt"
+    )
     assert rebuilt.num_blocks == 1
     with pytest.raises(ValueError, match="not both"):
         create("resnet18", pretrained=True, checkpoint=tmp_path / "cut.pt")

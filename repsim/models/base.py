@@ -91,7 +91,9 @@ class Backbone(nn.Module):
     def truncate(self, k: int) -> None:
         """Keep the first ``k`` blocks (``1 <= k <= num_blocks``); the pooled feature then pools block ``k-1``."""
         if not isinstance(k, int) or not 1 <= k <= self.num_blocks:
-            raise ValueError(f"{self.name}: cannot keep {k!r} blocks, it has {self.num_blocks} (need 1..{self.num_blocks})")
+            raise ValueError(
+                f"{self.name}: cannot keep {k!r} blocks, it has {self.num_blocks} (need 1..{self.num_blocks})"
+            )
         self._truncate(k)
         self._block_names = self._block_names[:k]
 

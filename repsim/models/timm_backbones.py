@@ -173,8 +173,9 @@ class SeemFocalNet(TimmBackbone):
         self.pooling = "global average pool of the last stage's output norm"
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
-        (out,) = self.model.forward_intermediates(x, indices=[self.num_blocks - 1], stop_early=True, intermediates_only=True)
-        return self.out_norms[self.num_blocks - 1](out).mean((2, 3))
+        last = self.num_blocks - 1
+        (out,) = self.model.forward_intermediates(x, indices=[last], stop_early=True, intermediates_only=True)
+        return self.out_norms[last](out).mean((2, 3))
 
     def _truncate(self, k: int) -> None:
         super()._truncate(k)
@@ -191,9 +192,9 @@ class SeemFocalNet(TimmBackbone):
         return {n for n in after if tokens_only or not n.startswith(last)}
 
     def _convert_official(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """SEEM/X-Decoder checkpoint (``backbone.*`` keys, the rest of SEEM ignored) -> these names."""
-        if any(k.startswith("backbone.") for k in state):
-            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        """SEEM/X-Decoder checkpoint (``[...]backbone.*`` keys, the rest of SEEM ignored) -> these names."""
+        if any("backbone." in k for k in state):
+            state = {k.split("backbone.", 1)[1]: v for k, v in state.items() if "backbone." in k}
         own = self.state_dict()
         out = {}
         for key, value in state.items():
