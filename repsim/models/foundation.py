@@ -6,7 +6,10 @@ embeddings (SAM: also the relative-position tables of its global-attention block
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import Iterator
 from functools import partial
 
 import open_clip
@@ -25,6 +28,16 @@ BLIP_BASE_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLI
 def _check_patch_multiple(name: str, img_size: int, patch: int) -> None:
     if img_size % patch:
         raise ValueError(f"{name}: img_size={img_size} is not a multiple of its patch size {patch}")
+
+
+@contextlib.contextmanager
+def _logging_disabled(level: int) -> Iterator[None]:
+    previous = logging.root.manager.disable
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _download(url: str) -> dict[str, torch.Tensor]:
@@ -187,10 +200,13 @@ class OpenClipBackbone(Backbone):
     def __init__(self, *, img_size: int, in_chans: int, pretrained: bool) -> None:
         super().__init__(img_size=img_size, in_chans=in_chans)
         _check_patch_multiple(self.name, img_size, 16)
-        clip = open_clip.create_model(
-            self.arch, pretrained=self.tag if pretrained else None, force_image_size=img_size,
-            device=torch.get_default_device(),  # open_clip moves the model there (meta when only counting)
-        )
+        # random init is asked for: silence open_clip's "No pretrained weights loaded" warning for that case only
+        quiet = contextlib.nullcontext() if pretrained else _logging_disabled(logging.WARNING)
+        with quiet:
+            clip = open_clip.create_model(
+                self.arch, pretrained=self.tag if pretrained else None, force_image_size=img_size,
+                device=torch.get_default_device(),  # open_clip moves the model there (meta when only counting)
+            )
         visual = clip.visual
         if in_chans != 3:
             visual.conv1 = fold_input_conv(visual.conv1, in_chans)
