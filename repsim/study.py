@@ -20,9 +20,9 @@ Stages, each resumable (finished trainer runs and written CKA files are reused w
    (Fig A.1), and last-block CKA across the starting, random, scratch-trained and fine-tuned backbones (Fig 8).
 
 Layout under ``out``: ``pretrain/``, ``finetune/<target>/<scenario|scratch>/``, ``knn/<target>/<start|random>/``,
-``freezing/<target>/freeze<k>/``, ``decapitation/<target>/<scenario>/decap<k>/`` (trainer experiment folders, so
-``repsim table`` and ``repsim report`` read them), ``cka/<target>/*.nc``, the figures ``fig*.png``, ``tables.md``
-and ``study.json`` (settings, stage timings, every number in the tables and figures).
+``freezing/<target>/freeze_blocks<k>/``, ``decapitation/<target>/<scenario>/decapitate<k>/`` (trainer experiment
+folders, so ``repsim table`` and ``repsim report`` read them), ``cka/<target>/*.nc``, the figures ``fig*.png``,
+``tables.md`` and ``study.json`` (settings, stage timings, every number in the tables and figures).
 """
 
 from __future__ import annotations
