@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat
@@ -12,8 +11,9 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parents[1] / "analyses" / "cka_walkthrough.ipynb"
 
 
-def test_walkthrough_notebook_executes(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REPSIM_DATA", str(data_root))  # the kernel inherits it
+def test_walkthrough_notebook_executes(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPSIM_DATA", str(data_root))  # the kernel inherits these
+    monkeypatch.setenv("REPSIM_WALKTHROUGH_OUT", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
@@ -22,4 +22,4 @@ def test_walkthrough_notebook_executes(data_root: Path, monkeypatch: pytest.Monk
     text = "".join(o.get("text", "") for o in outputs)
     assert "test AUC" in text and "95% CI" in text and "max |compare - cka_matrix|" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the heatmap was drawn
-    assert os.environ["REPSIM_DATA"] == str(data_root)
+    assert list(tmp_path.rglob("backbone_best.pt"))  # the run went where it was told
