@@ -16,7 +16,6 @@ representation gives NaN and a warning naming it.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -103,21 +102,14 @@ def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     return torch.exp(-d2 / (2 * threshold**2 * med))
 
 
-def _tri_index(n: int, device: torch.device) -> torch.Tensor:
-    """Flat indices of the strict upper triangle of an n x n matrix."""
-    iu = torch.triu_indices(n, n, 1, device=device)
-    return iu[0] * n + iu[1]
-
-
-_TRI_CACHE: dict[tuple[int, str], torch.Tensor] = {}
-
-
 def gram_vector(x: Any, *, name: str = "activations", estimator: Estimator = "unbiased") -> torch.Tensor:
-    """A layer's centred linear Gram as a float64 vector ``v`` with ``v_a . v_b = <K_c, L_c>_F``.
+    """A layer's centred linear Gram, flattened: ``v_a . v_b = <K_c, L_c>_F`` (length n^2, dtype max(float32, x)).
 
-    The unbiased (U-centred) Gram is symmetric with a zero diagonal, so only its strict upper triangle is kept, scaled
-    by sqrt(2): half the memory and half the matmul of the full n^2 vector. The biased Gram keeps its diagonal too.
-    ``x`` is (n, ...) in any float dtype; the Gram is formed in max(float32, dtype) after centring the features.
+    U-centred for the unbiased estimator, double-centred (HKH) for the biased one. ``x`` is (n, ...) in any float
+    dtype; features are centred before the Gram is formed, which HSIC is invariant to and which removes the fp32
+    cancellation of large activation means. ``MinibatchCKA.update_grams`` takes the inner products in float64.
+    (The full n^2 vector is kept rather than the strict upper triangle of the symmetric Gram: gathering a triangle
+    costs more than the float64 matmul it would halve.)
     """
     t = _as_matrix(x, name, check=False)
     n = t.shape[0]
@@ -126,15 +118,22 @@ def gram_vector(x: Any, *, name: str = "activations", estimator: Estimator = "un
     # NaN/Inf in any feature spreads through its column mean to every diagonal entry of the centred Gram, and
     # |K_ij| <= sqrt(K_ii K_jj): checking the trace costs O(n), not O(nd) or O(n^2).
     _check_finite(torch.diagonal(k).sum(), name)
-    k = centre_gram(k, estimator, inplace=True)
-    key = (n, str(k.device))
-    idx = _TRI_CACHE.get(key)
-    if idx is None:
-        idx = _TRI_CACHE[key] = _tri_index(n, k.device)
-    v = k.reshape(-1)[idx].to(torch.float64).mul_(math.sqrt(2.0))
-    if estimator == "biased":
-        v = torch.cat([v, torch.diagonal(k).to(torch.float64)])
-    return v
+    return centre_gram(k, estimator, inplace=True).reshape(-1)
+
+
+def _stack64(vecs: Mapping[str, torch.Tensor], names: Sequence[str], n: int, out: torch.Tensor) -> torch.Tensor:
+    """Copy ``gram_vector``s into the float64 (L, n^2) buffer ``out``, converting while copying (one pass)."""
+    for i, key in enumerate(names):
+        v = vecs[key]
+        if v.ndim != 1 or v.shape[0] != n * n:
+            raise ValueError(f"{key}: expected a gram_vector of length {n * n} for a batch of {n}, got shape {tuple(v.shape)}")
+        out[i].copy_(v)
+    return out
+
+
+def _sq_norms(g: torch.Tensor) -> torch.Tensor:
+    """Row-wise squared norms as batched dot products (no (L, n^2) temporary)."""
+    return torch.bmm(g.unsqueeze(1), g.unsqueeze(2)).reshape(-1)
 
 
 def _hsic_norm(n: int, estimator: Estimator) -> float:
@@ -247,6 +246,7 @@ class MinibatchCKA:
         self.n_samples = 0
         self.n_batches = 0
         self.batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffers: dict[str, torch.Tensor] = {}
 
     @property
     def within(self) -> bool:
@@ -261,6 +261,14 @@ class MinibatchCKA:
         vec_b = None if acts_b is None else {k: gram_vector(v, name=k, estimator=self.estimator) for k, v in acts_b.items()}
         self.update_grams(vec_a, vec_b, n=n)
 
+    def _buffer(self, side: str, rows: int, n: int, device: torch.device) -> torch.Tensor:
+        """A float64 (rows, n^2) stacking buffer kept across batches: a fresh allocation of this size each batch
+        goes back to the OS and page-faults in again, which costs more than the copy itself."""
+        buf = self._buffers.get(side)
+        if buf is None or buf.shape != (rows, n * n) or buf.device != device:
+            buf = self._buffers[side] = torch.empty(rows, n * n, dtype=torch.float64, device=device)
+        return buf
+
     def update_grams(self, vecs_a: Mapping[str, torch.Tensor], vecs_b: Mapping[str, torch.Tensor] | None = None, *, n: int) -> None:
         """Add one batch given each layer's ``gram_vector`` (formed e.g. inside a forward hook)."""
         if not vecs_a:
@@ -274,15 +282,15 @@ class MinibatchCKA:
             raise ValueError(
                 f"layers changed between batches: expected {self.layers_a} / {self.layers_b}, got {names_a} / {names_b}"
             )
-        ga = torch.stack([_flat(vecs_a[k], k, n, self.estimator) for k in names_a])
+        ga = _stack64(vecs_a, names_a, n, self._buffer("a", len(names_a), n, vecs_a[names_a[0]].device))
         norm = _hsic_norm(n, self.estimator)
         if vecs_b is None:
             cross = (ga @ ga.T) / norm
             da = db = torch.diagonal(cross)
         else:
-            gb = torch.stack([_flat(vecs_b[k], k, n, self.estimator).to(ga.device) for k in names_b or []])
+            gb = _stack64(vecs_b, names_b or [], n, self._buffer("b", len(vecs_b), n, ga.device))
             cross = (ga @ gb.T) / norm
-            da, db = ga.square().sum(1) / norm, gb.square().sum(1) / norm
+            da, db = _sq_norms(ga) / norm, _sq_norms(gb) / norm
         cross, da, db = cross.cpu(), da.cpu(), db.cpu()
         if self.cross is None:
             self.cross, self.diag_a, self.diag_b = cross.clone(), da.clone(), db.clone()
@@ -390,13 +398,6 @@ class MinibatchCKA:
             gathered: list[Any] = [None] * dist.get_world_size(group)
             dist.all_gather_object(gathered, self.batches, group=group)
             self.batches = [b for rank in gathered for b in rank]
-
-
-def _flat(v: torch.Tensor, name: str, n: int, estimator: Estimator) -> torch.Tensor:
-    expected = n * (n - 1) // 2 + (n if estimator == "biased" else 0)
-    if v.ndim != 1 or v.shape[0] != expected:
-        raise ValueError(f"{name}: expected a gram_vector of length {expected} for a batch of {n}, got shape {tuple(v.shape)}")
-    return v
 
 
 def _batch_size(acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None) -> int:
