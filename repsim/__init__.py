@@ -25,7 +25,10 @@ _LAZY = {
     "heatmap_grid": "repsim.plot",
 }
 
-__all__ = sorted([*_LAZY, "MinibatchCKA", "cka", "gram_vector"])
+# Sub-packages reachable as attributes after a plain ``import repsim`` (imported on first use).
+_SUBMODULES = ("models", "surgery", "data", "train", "metrics", "knn", "study", "report")
+
+__all__ = sorted([*_LAZY, *_SUBMODULES, "MinibatchCKA", "cka", "gram_vector"])
 
 
 def __getattr__(name: str) -> Any:
@@ -33,8 +36,10 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"repsim.{name}")
     raise AttributeError(f"module 'repsim' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
