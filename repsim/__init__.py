@@ -11,16 +11,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# Imported eagerly: binding the function ``cka`` here replaces the sub-module attribute of the same name that the
-# import system sets, so ``repsim.cka(x, y)`` is the function while ``repsim.cka`` the module stays importable.
+# Imported eagerly: ``cka``, ``capture`` and ``compare`` are both functions and sub-modules. Binding the functions
+# here, after their modules are imported, replaces the sub-module attributes that the import system sets, so
+# ``repsim.cka(x, y)`` is the function while ``import repsim.cka`` still works.
+from repsim.capture import capture, extract  # noqa: E402
 from repsim.cka import MinibatchCKA, cka, gram_vector  # noqa: E402
+from repsim.compare import cka_matrix, compare, compare_many  # noqa: E402
 
 _LAZY = {
-    "capture": "repsim.capture",
-    "extract": "repsim.capture",
-    "compare": "repsim.compare",
-    "compare_many": "repsim.compare",
-    "cka_matrix": "repsim.compare",
     "heatmap": "repsim.plot",
     "heatmap_grid": "repsim.plot",
 }
@@ -28,7 +26,8 @@ _LAZY = {
 # Sub-packages reachable as attributes after a plain ``import repsim`` (imported on first use).
 _SUBMODULES = ("models", "surgery", "data", "train", "metrics", "knn", "study", "report")
 
-__all__ = sorted([*_LAZY, *_SUBMODULES, "MinibatchCKA", "cka", "gram_vector"])
+__all__ = sorted([*_LAZY, *_SUBMODULES, "MinibatchCKA", "capture", "cka", "cka_matrix", "compare", "compare_many",
+                  "extract", "gram_vector"])
 
 
 def __getattr__(name: str) -> Any:

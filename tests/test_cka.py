@@ -328,3 +328,12 @@ def test_all_reduce_two_gloo_processes(tmp_path) -> None:
     np.testing.assert_allclose(got[:-3], single.compute().values.ravel(), atol=1e-6)
     np.testing.assert_allclose(got[:-3], single.compute().values.ravel(), atol=1e-13)
     assert list(got[-3:]) == [60, 6, 6]
+
+
+def test_package_functions_survive_submodule_imports() -> None:
+    """``repsim.cka``/``capture``/``compare`` are functions even after their same-named modules are imported."""
+    import importlib
+
+    for name in ("cka", "capture", "compare"):
+        importlib.import_module(f"repsim.{name}")
+        assert callable(getattr(repsim, name)), name
