@@ -167,7 +167,7 @@ def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
 
     def backbone(name: str) -> torch.nn.Module:
         return create(record["name"], checkpoint=str(run / name), img_size=record["img_size"],
-                      in_chans=record["in_chans"], **record["kwargs"])
+                      in_chans=record["in_chans"], decapitate=record.get("decapitate"), **record["kwargs"])
 
     before, after = backbone("backbone_init.pt"), backbone("backbone_best.pt")
     ds = compare(before, after, loader, layers_a=before.layer_names(), keep_batches=True, n_boot=200, progress=False)
