@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -653,7 +654,8 @@ def _grid(panels: Sequence[tuple[str, xr.Dataset]], title: str, annotate: bool) 
     small = all(ds.sizes["layer_a"] <= 12 for _, ds in panels)
     fig = heatmap_grid([ds for _, ds in panels], titles=[t for t, _ in panels], ncols=2 if len(panels) > 1 else 1,
                        annotate_ci=annotate and small and all("lower" in ds for _, ds in panels))
-    fig.suptitle(title, fontsize=10)
+    width_chars = int(fig.get_figwidth() * 12)  # about 12 characters of a 10 pt title per inch
+    fig.suptitle(textwrap.fill(title, width_chars), fontsize=10)
     return fig
 
 
