@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import repsim
+from peers import pytorch_cka as run_pytorch_cka
+from peers import torch_cka as run_torch_cka
 
 
 class Elementwise(nn.Module):
@@ -96,25 +98,6 @@ def matmul_peak(n: int, d: int, reps: int = 10) -> float:
 
 def run_repsim(ma, mb, loader, names) -> np.ndarray:
     return repsim.compare(ma, mb, loader, layers_a=names, layers_b=names, pool="flatten", progress=False).values
-
-
-def run_pytorch_cka(ma, mb, loader, names) -> np.ndarray:
-    import cka
-
-    return cka.compute_cka(ma, mb, loader, layers=names, model2_layers=names, device="cpu", progress=False)[0].numpy()
-
-
-def run_torch_cka(ma, mb, loader, names) -> np.ndarray:
-    import warnings
-
-    from torch_cka import CKA
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        c = CKA(ma, mb, model1_name="a", model2_name="b", model1_layers=names, model2_layers=names, device="cpu")
-        with torch.no_grad():
-            c.compare(loader)
-        return c.export()["CKA"].numpy()
 
 
 def bench(config: str, layers: int, d: int, n: int, n_batches: int, offset: float, peers: dict[str, Callable], peak: float) -> list[list[str]]:

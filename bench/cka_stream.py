@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import repsim
+from peers import pytorch_cka, torch_cka
 
 LAYERS = [f"blocks.{i}" for i in range(12)]
 DEFAULT_DATA = Path(os.environ.get("REPSIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "medmnist" / "retinamnist.npz"
@@ -82,24 +82,6 @@ def run_repsim(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
     return repsim.compare(ma, mb, loader, layers_a=LAYERS, pool="flatten", progress=False).values
 
 
-def run_pytorch_cka(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
-    import cka  # PyPI pytorch-cka
-
-    return cka.compute_cka(ma, mb, loader, layers=LAYERS, model2_layers=LAYERS, device="cpu", progress=False)[0].numpy()
-
-
-def run_torch_cka(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
-    from torch_cka import CKA  # PyPI torch-cka
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        c = CKA(ma, mb, model1_name="a", model2_name="b", model1_layers=LAYERS, model2_layers=LAYERS, device="cpu")
-        with torch.no_grad():
-            c.compare(loader)
-        return c.export()["CKA"].numpy()
-
-
-# ------------------------------------------------------------------------------------------------ reference
 def block_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The 12 block outputs, flattened, by running timm's ViT stages by hand (no hooks)."""
     with torch.no_grad():
@@ -159,8 +141,8 @@ def main() -> None:
     contestants: dict[str, Callable[[], np.ndarray | None]] = {
         "forward only (both models)": lambda: forward_only(ma, mb, loader),
         "repsim.compare": lambda: run_repsim(ma, mb, loader),
-        "pytorch-cka 1.1.3": lambda: run_pytorch_cka(ma, mb, loader),
-        "torch-cka 0.21": lambda: run_torch_cka(ma, mb, loader),
+        "pytorch-cka 1.1.3": lambda: pytorch_cka(ma, mb, loader, LAYERS),
+        "torch-cka 0.21": lambda: torch_cka(ma, mb, loader, LAYERS),
     }
     runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in contestants}
     results: dict[str, np.ndarray | None] = {}
