@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import xarray as xr
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from repsim.files import save_netcdf, save_png
 
 DEMO_HELP = """The reduced transfer study (repsim.study, preset "demo"): pretrain a small ViT on a source task,
 fine-tune it on a target task (frozen/unfrozen, linear/stacked head, from-scratch baseline, a freezing curve),
@@ -29,29 +29,6 @@ analyses/transfer_study.py."""
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` then rename tmp onto ``path``, so ``path`` is either absent or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def save_netcdf(obj: xr.DataArray | xr.Dataset, path: Path) -> Path:
-    """Write a CKA matrix (or bootstrap Dataset) to netCDF via h5netcdf, atomically."""
-    ds = obj.to_dataset(name=obj.name or "cka") if isinstance(obj, xr.DataArray) else obj
-    return _atomic(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
-
-
-def save_png(fig: Figure, path: Path) -> Path:
-    """Save a figure as PNG, atomically."""
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
-
-
 def default_layers(model: nn.Module) -> list[str] | str:
     """The model's block names (``Backbone.layer_names()``), else the pattern ``blocks.*``."""
     names = getattr(model, "layer_names", None)

@@ -19,12 +19,13 @@ import base64
 import html
 import io
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from repsim.files import write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;font-size:.9em}
@@ -206,12 +207,7 @@ def build_report(run_dir: str | Path, *, data_root: str | Path | None = None, ck
 def write_report(run_dir: str | Path, out: str | Path | None = None, **kwargs: Any) -> Path:
     """Write the report of ``run_dir`` to ``out`` (default ``run_dir/report.html``), atomically."""
     path = Path(out) if out else Path(run_dir) / "report.html"
-    text = build_report(run_dir, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, build_report(run_dir, **kwargs))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -47,6 +47,10 @@ import yaml
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from repsim.files import save_netcdf, save_png, write_text
+
+FIG_DPI = 110  # the study's figures are small multi-panel PNGs
+
 # Data blocks of the datasets a study can use by name (roots are relative to the data root).
 DATASETS: dict[str, dict[str, Any]] = {
     "pneumoniamnist": {"dataset": "medmnist", "root": "medmnist", "flag": "pneumoniamnist"},
@@ -157,28 +161,6 @@ PRESETS: dict[str, Settings] = {
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _save_png(fig: Figure, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
-    return path
-
-
-def _save_nc(ds: xr.Dataset | xr.DataArray, path: Path) -> None:
-    ds = ds.to_dataset(name="cka") if isinstance(ds, xr.DataArray) else ds
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    ds.to_netcdf(tmp, engine="h5netcdf")
-    os.replace(tmp, path)
-
-
 def _named(ds: xr.Dataset, a: str, b: str, **attrs: Any) -> xr.Dataset:
     """``ds`` with its axes called ``a`` and ``b`` (on the Dataset and every variable, which plots read)."""
     names = {"model_a": a, "model_b": b, **attrs}
@@ -446,7 +428,7 @@ class Study:
                 if sc in runs and not path.exists():
                     before, after = (self._backbone(str(runs[sc] / f)) for f in ("backbone_init.pt", "backbone_best.pt"))
                     m = compare(before, after, loader, layers_a=before.layer_names(), **kw)
-                    _save_nc(_named(m, "before", "after", run=str(runs[sc])), path)
+                    save_netcdf(_named(m, "before", "after", run=str(runs[sc])), path)
                 if path.exists():
                     mats[f"fig7/{sc}"] = _load_nc(path)
             # Fig A.1: the stacked classifier's blocks at initialisation vs fine-tuned
@@ -456,7 +438,7 @@ class Study:
                     before, after = rebuild(runs[sc], self.data_root, "init"), rebuild(runs[sc], self.data_root, "best")
                     names = [n for n, _ in before.named_modules() if n.startswith("classifier.blocks.") and n.count(".") == 2]
                     m = compare(before, after, loader, layers_a=names, **kw)
-                    _save_nc(_named(m, "before", "after", run=str(runs[sc])), path)
+                    save_netcdf(_named(m, "before", "after", run=str(runs[sc])), path)
                 if path.exists():
                     mats[f"figA1/{sc}"] = _load_nc(path)
             # Fig 8: last block across backbones
@@ -469,7 +451,7 @@ class Study:
                         models["scratch-trained" if sc == "scratch" else sc] = self._backbone(
                             str(runs[sc] / "backbone_best.pt"))
                 last = {k: [m.layer_names()[-1]] for k, m in models.items()}
-                _save_nc(compare_many(models, loader, layers=last, device=device, progress=False), path)
+                save_netcdf(compare_many(models, loader, layers=last, device=device, progress=False), path)
             mats["fig8"] = _load_nc(path)
             out[t] = mats
         return out
@@ -484,7 +466,7 @@ class Study:
             old = json.loads(previous.read_text())
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(f"{self.out} holds a study with other settings ({', '.join(diff)}); use another out")
-        _atomic_write(previous, json.dumps(settings, indent=2))
+        write_text(previous, json.dumps(settings, indent=2))
         saved_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         pool = _Pool(self.jobs, self.threads)
@@ -522,16 +504,16 @@ class Study:
                       cka: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         figures = {}
         if any("fig7/unfrozen-linear" in m or "fig7/scratch" in m for m in cka.values()):
-            figures["fig7"] = _save_png(fig7(cka), self.out / "fig7_cka_before_after.png").name
-            figures["fig7_diagonal"] = _save_png(fig7_diagonal(cka), self.out / "fig7_diagonal.png").name
+            figures["fig7"] = save_png(fig7(cka), self.out / "fig7_cka_before_after.png", dpi=FIG_DPI).name
+            figures["fig7_diagonal"] = save_png(fig7_diagonal(cka), self.out / "fig7_diagonal.png", dpi=FIG_DPI).name
         if any(k.startswith("figA1/") for m in cka.values() for k in m):
-            figures["figA1"] = _save_png(figA1(cka), self.out / "figA1_stacked_classifier.png").name
-        figures["fig8"] = _save_png(fig8(cka), self.out / "fig8_last_block.png").name
+            figures["figA1"] = save_png(figA1(cka), self.out / "figA1_stacked_classifier.png", dpi=FIG_DPI).name
+        figures["fig8"] = save_png(fig8(cka), self.out / "fig8_last_block.png", dpi=FIG_DPI).name
         for curve, fn in (("freezing", "fig4_freezing.png"), ("decapitation", "fig5_decapitation.png")):
             if curve in curves:
-                figures[curve] = _save_png(curve_figure(curves[curve], ft, curve), self.out / fn).name
+                figures[curve] = save_png(curve_figure(curves[curve], ft, curve), self.out / fn, dpi=FIG_DPI).name
         tables = self.tables(ft, knn, curves)
-        _atomic_write(self.out / "tables.md", tables)
+        write_text(self.out / "tables.md", tables)
         summary = {
             "settings": asdict(self.s), "start": dict(start), "label": self._label(), "depth": self.depth,
             "timings_s": self.timings, "figures": figures,
@@ -539,7 +521,7 @@ class Study:
             "finetune": ft, "knn": knn, "curves": curves,
             "cka": {t: {k: cka_summary(v) for k, v in m.items()} for t, m in cka.items()},
         }
-        _atomic_write(self.out / "study.json", json.dumps(summary, indent=2, default=float))
+        write_text(self.out / "study.json", json.dumps(summary, indent=2, default=float))
         return summary
 
     def tables(self, ft: Mapping[str, Mapping[str, dict]], knn: Mapping[str, Mapping[str, dict]],
@@ -756,6 +738,6 @@ def demo(out: str | Path, *, data_root: str | Path | None = None, epochs: int | 
     (target,) = s.targets
     fig7_nc = out / "cka" / target / "fig7_unfrozen-linear.nc"
     ds = _load_nc(fig7_nc)
-    _save_nc(ds, out / "cka.nc")
-    _save_png(fig7({target: {"fig7/unfrozen-linear": ds}}), out / "cka.png")
+    save_netcdf(ds, out / "cka.nc")
+    save_png(fig7({target: {"fig7/unfrozen-linear": ds}}), out / "cka.png", dpi=FIG_DPI)
     return summary

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from repsim.data.datasets import (READERS, DatasetInfo, ImageDataset, Source, lo
                                   with_channels)
 from repsim.data.splits import SPLITS, split_indices
 from repsim.data.transforms import build_transform, default_resize
+from repsim.files import write_text
 
 # Keys of a spec's ``data`` block that are not passed on to the dataset reader.
 GENERAL_KEYS = {"dataset", "root", "img_size", "resize", "augment", "crop_scale", "channels", "split", "split_seed",
@@ -39,9 +39,7 @@ class Data:
         """Write the sample ids of each split to ``path`` (JSON, atomically)."""
         doc: dict[str, Any] = {"dataset": self.info.name, "split_seed": split_seed,
                                **{k: [self.source.ids[i] for i in v] for k, v in self.split.items()}}
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(doc))
 
 
 def prepare(cfg: dict[str, Any], data_root: str | Path | None = None, seed: int = 0) -> Data:

@@ -28,24 +28,12 @@ from tqdm.auto import tqdm
 
 from repsim import models
 from repsim.data import Data, prepare
+from repsim.files import save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 from repsim.train.config import config_diff
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file then rename, so a crash never leaves a truncated checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def check_same_config(cfg: dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume or reuse ``run_dir`` when it was written by a different config."""
     path = run_dir / "config.yaml"
@@ -192,11 +180,11 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
     model.to(device)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-        atomic_write(run_dir / "model.json", json.dumps(model_record, indent=2))
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        write_text(run_dir / "model.json", json.dumps(model_record, indent=2))
         data.write_split(run_dir / "split.json", cfg["data"].get("split_seed"))
         if not (run_dir / "backbone_init.pt").exists():
-            atomic_save(model.backbone.state_dict(), run_dir / "backbone_init.pt")
+            save_torch(model.backbone.state_dict(), run_dir / "backbone_init.pt")
 
     # --- optimisation: AdamW, linear warmup per iteration, ÷10 per plateau; AMP (bf16, else fp16 + scaler) on CUDA
     optimizer = torch.optim.AdamW(param_groups(model, tc["weight_decay"]), lr=tc["lr"])
@@ -230,7 +218,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         set_rng_state(ckpt["rng"])
     if main:  # metrics of epochs after the checkpoint (a crash between the two writes) are recomputed
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-        atomic_write(run_dir / "metrics.jsonl", "".join(ln + "\n" for ln in lines[:state["epoch"]]))
+        write_text(run_dir / "metrics.jsonl", "".join(ln + "\n" for ln in lines[:state["epoch"]]))
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
 
@@ -270,8 +258,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         if improved:
             state.update(best=value, best_epoch=epoch, best_iteration=state["iteration"], bad_epochs=0)
             if main:
-                atomic_save({"model": model.state_dict(), "epoch": epoch, metric_name: value}, ckpt_dir / "best.pt")
-                atomic_save(model.backbone.state_dict(), run_dir / "backbone_best.pt")
+                save_torch({"model": model.state_dict(), "epoch": epoch, metric_name: value}, ckpt_dir / "best.pt")
+                save_torch(model.backbone.state_dict(), run_dir / "backbone_best.pt")
         else:
             state["bad_epochs"] += 1
             if state["bad_epochs"] >= tc["patience"]:
@@ -284,7 +272,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
                       "seconds": time.perf_counter() - start, **{f"val_{k}": v for k, v in val.items()}}
             with open(run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "state": state, "rng": rng_state()}, ckpt_dir / "last.pt")
         if world > 1:
             dist.barrier()
@@ -305,5 +293,5 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         "world_size": world, "device": str(device),
     }
     if main:
-        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

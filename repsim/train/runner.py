@@ -26,7 +26,8 @@ import yaml
 from repsim.data import prepare
 from repsim.knn import knn_evaluate
 from repsim.train.config import expand, load_spec, parse_overrides
-from repsim.train.loop import atomic_write, build_model, check_same_config, distributed, pick_device, train
+from repsim.files import write_text
+from repsim.train.loop import build_model, check_same_config, distributed, pick_device, train
 
 
 def _run_dir(exp_dir: Path, lr: float, seed: int) -> Path:
@@ -80,7 +81,7 @@ def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path 
                "iterations_to_best": stats([s["iterations_to_best"] for s in summaries]),
                "inference_ms_per_image": stats([s["inference_ms_per_image"] for s in summaries])}
     if distributed()[0] == 0:
-        atomic_write(exp_dir / "results.json", json.dumps(results, indent=2))
+        write_text(exp_dir / "results.json", json.dumps(results, indent=2))
     return results
 
 
@@ -99,8 +100,8 @@ def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None 
               "metric": cfg["train"]["metric"] or data.info.metric, "k": kc["k"], "temperature": kc["temperature"],
               "img_size": record["img_size"], "test": {k: stats([v]) for k, v in metrics.items()}}
     exp_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    atomic_write(exp_dir / "knn.json", json.dumps(result, indent=2))
+    write_text(exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    write_text(exp_dir / "knn.json", json.dumps(result, indent=2))
     return result
 
 

@@ -1,0 +1,49 @@
+"""Atomic file writes: every result, checkpoint and figure is written to a temporary name and renamed into place,
+so a path that exists is complete (a crash or kill leaves the previous file or none, never a truncated one)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+from matplotlib.figure import Figure
+
+
+def atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` for a temporary sibling of ``path``, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def save_torch(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    import torch
+
+    return atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
+    """Save a figure as PNG atomically."""
+    return atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
+def save_netcdf(obj: xr.DataArray | xr.Dataset, path: str | os.PathLike[str]) -> Path:
+    """Write a CKA matrix (or bootstrap Dataset) to netCDF via h5netcdf atomically; a DataArray is stored as the
+    variable of its name (``cka`` when unnamed)."""
+    ds = obj.to_dataset(name=obj.name or "cka") if isinstance(obj, xr.DataArray) else obj
+    return atomic(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
