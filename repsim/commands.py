@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xarray as xr
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from repsim.files import save_netcdf, save_png
+from repsim.files import load_netcdf, save_netcdf, save_png
 
 DEMO_HELP = """The reduced transfer study (repsim.study, preset "demo"): pretrain a small ViT on a source task,
 fine-tune it on a target task (frozen/unfrozen, linear/stacked head, from-scratch baseline, a freezing curve),
@@ -104,9 +103,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     from repsim.plot import heatmap
 
     path = Path(args.file)
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        ds = ds.load()
-    fig = heatmap(ds, vmin=args.vmin, vmax=args.vmax, cmap=args.cmap, annotate_ci=args.annotate_ci)
+    fig = heatmap(load_netcdf(path), vmin=args.vmin, vmax=args.vmax, cmap=args.cmap, annotate_ci=args.annotate_ci)
     png = save_png(fig, Path(args.out) if args.out else path.with_suffix(".png"))
     print(f"wrote {png}")
     return 0
@@ -123,8 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     what = ("real MedMNIST: pretrained on PneumoniaMNIST, fine-tuned on RetinaMNIST" if args.data_root else
             "synthetic textured patches (built-in): pretrained on 6 classes, fine-tuned on 4")
     print((out / "tables.md").read_text())
-    with xr.open_dataset(out / "cka.nc", engine="h5netcdf") as ds:
-        d = diagonal(ds.load())
+    d = diagonal(load_netcdf(out / "cka.nc"))
     print(f"data: {what}")
     print("CKA(block k before, block k after fine-tuning) [95% CI]: " +
           "  ".join(f"{c:.2f} [{lo:.2f}, {hi:.2f}]" for c, lo, hi in zip(d["cka"], d["lower"], d["upper"])))

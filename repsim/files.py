@@ -47,3 +47,9 @@ def save_netcdf(obj: xr.DataArray | xr.Dataset, path: str | os.PathLike[str]) ->
     variable of its name (``cka`` when unnamed)."""
     ds = obj.to_dataset(name=obj.name or "cka") if isinstance(obj, xr.DataArray) else obj
     return atomic(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
+
+
+def load_netcdf(path: str | os.PathLike[str]) -> xr.Dataset:
+    """Read a netCDF file written by ``save_netcdf`` fully into memory (the file is closed on return)."""
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        return ds.load()

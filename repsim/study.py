@@ -47,7 +47,7 @@ import yaml
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from repsim.files import save_netcdf, save_png, write_text
+from repsim.files import load_netcdf, save_netcdf, save_png, write_text
 
 FIG_DPI = 110  # the study's figures are small multi-panel PNGs
 
@@ -168,11 +168,6 @@ def _named(ds: xr.Dataset, a: str, b: str, **attrs: Any) -> xr.Dataset:
     for v in out.data_vars:
         out[v].attrs.update(names)
     return out
-
-
-def _load_nc(path: Path) -> xr.Dataset:
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        return ds.load()
 
 
 def materialise_synthetic(name: str, root: Path, img_size: int, n: int) -> Path:
@@ -430,7 +425,7 @@ class Study:
                     m = compare(before, after, loader, layers_a=before.layer_names(), **kw)
                     save_netcdf(_named(m, "before", "after", run=str(runs[sc])), path)
                 if path.exists():
-                    mats[f"fig7/{sc}"] = _load_nc(path)
+                    mats[f"fig7/{sc}"] = load_netcdf(path)
             # Fig A.1: the stacked classifier's blocks at initialisation vs fine-tuned
             for sc in STACKED:
                 path = folder / f"figA1_{sc}.nc"
@@ -440,7 +435,7 @@ class Study:
                     m = compare(before, after, loader, layers_a=names, **kw)
                     save_netcdf(_named(m, "before", "after", run=str(runs[sc])), path)
                 if path.exists():
-                    mats[f"figA1/{sc}"] = _load_nc(path)
+                    mats[f"figA1/{sc}"] = load_netcdf(path)
             # Fig 8: last block across backbones
             path = folder / "fig8_last_block.nc"
             if not path.exists():
@@ -452,7 +447,7 @@ class Study:
                             str(runs[sc] / "backbone_best.pt"))
                 last = {k: [m.layer_names()[-1]] for k, m in models.items()}
                 save_netcdf(compare_many(models, loader, layers=last, device=device, progress=False), path)
-            mats["fig8"] = _load_nc(path)
+            mats["fig8"] = load_netcdf(path)
             out[t] = mats
         return out
 
@@ -737,7 +732,7 @@ def demo(out: str | Path, *, data_root: str | Path | None = None, epochs: int | 
     out = Path(out)
     (target,) = s.targets
     fig7_nc = out / "cka" / target / "fig7_unfrozen-linear.nc"
-    ds = _load_nc(fig7_nc)
+    ds = load_netcdf(fig7_nc)
     save_netcdf(ds, out / "cka.nc")
     save_png(fig7({target: {"fig7/unfrozen-linear": ds}}), out / "cka.png", dpi=FIG_DPI)
     return summary
