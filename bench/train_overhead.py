@@ -26,7 +26,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from repsim.data import prepare  # noqa: E402
 from repsim.train.config import DEFAULTS, deep_merge  # noqa: E402
-from repsim.train.loop import build_model, pick_device, train  # noqa: E402
+from repsim.train.loop import train  # noqa: E402
+from repsim.train.utils import build_model, pick_device  # noqa: E402
 
 
 def bare_loop(cfg: dict, data_root: str) -> float:

@@ -25,8 +25,8 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
-Pool = Literal["flatten", "cls", "mean", "tokens", "gap"]
-POOLS: tuple[str, ...] = ("flatten", "cls", "mean", "tokens", "gap")
+from repsim.types import POOLS, Pool
+
 Layout = Literal["auto", "NCHW", "NHWC"]
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-Estimator = Literal["unbiased", "biased"]
+from repsim.types import Estimator
+
 DTYPE_POLICY = "features centred in >=float32; Gram >=float32; Gram inner products and sums in float64"
 BATCH_WEIGHTING = "each batch's HSIC is normalised by its own size (1/(n(n-3)) or 1/(n-1)^2) and batches averaged equally"
 

@@ -37,6 +37,27 @@ def save_torch(obj: Any, path: str | os.PathLike[str]) -> Path:
     return atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def load_torch(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers only: a pickle that would run code is
+    refused), with errors that name the file and say why it cannot be read."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} holds objects other than tensors and plain containers; repsim refuses to unpickle "
+                         f"them (they could run code): {first}") from None
+    except (EOFError, RuntimeError, OSError) as err:
+        raise ValueError(f"{path} is truncated or not a torch checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+
+
 def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
     """Save a figure as PNG atomically."""
     return atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

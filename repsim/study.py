@@ -405,7 +405,7 @@ class Study:
         """Fig 7, Fig A.1 and Fig 8 matrices for every target (netCDF under ``cka/<target>``, reused if present)."""
         from repsim.compare import compare, compare_many
         from repsim.data import prepare
-        from repsim.train.loop import pick_device
+        from repsim.train.utils import pick_device
 
         device = pick_device(self.device)
         out: dict[str, dict[str, Any]] = {}
@@ -583,7 +583,7 @@ def rebuild(run_dir: str | Path, data_root: str | Path | None, which: str = "bes
     seeded construction and checks it against ``backbone_init.pt``.
     """
     from repsim.data import prepare
-    from repsim.train.loop import build_model, seed_everything
+    from repsim.train.utils import build_model, seed_everything
 
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())

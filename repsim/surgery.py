@@ -73,12 +73,18 @@ class StackedClassifier(nn.Module):
     ``model``/``pretrained``/``kwargs`` go to ``timm.create_model`` (the paper: ``deit_base_patch16_224`` with
     ImageNet weights; tests pass e.g. ``depth=1, embed_dim=32, num_heads=2``).  The DeiT's patch embedding is not
     kept; its position embeddings are resampled (bicubic) to the square grid of the ``N`` incoming tokens.
+    ``max_grid=g`` average-pools a token grid larger than ``g x g`` down to ``g x g`` first (early CNN stages give
+    32x32 grids; attention over 1,024 tokens would cost more than the backbone); None keeps every token (the paper).
     """
 
     def __init__(
-        self, in_features: int, *, model: str = "deit_base_patch16_224", pretrained: bool = False, **kwargs: Any
+        self, in_features: int, *, model: str = "deit_base_patch16_224", pretrained: bool = False,
+        max_grid: int | None = None, **kwargs: Any
     ) -> None:
         super().__init__()
+        if max_grid is not None and max_grid < 1:
+            raise ValueError(f"max_grid must be a positive grid side or None, got {max_grid}")
+        self.max_grid = max_grid
         vit = timm.create_model(model, pretrained=pretrained, num_classes=0, **kwargs)
         if getattr(vit, "num_prefix_tokens", None) != 1 or getattr(vit, "global_pool", None) != "token":
             raise ValueError(f"{model} is not a one-CLS-token ViT, it cannot be the stacked classifier")
@@ -96,6 +102,10 @@ class StackedClassifier(nn.Module):
         side = math.isqrt(n)
         if side * side != n:
             raise ValueError(f"StackedClassifier needs a square token grid, got {n} tokens")
+        if self.max_grid is not None and side > self.max_grid:
+            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+            tokens = torch.nn.functional.adaptive_avg_pool2d(grid, self.max_grid).flatten(2).transpose(1, 2)
+            side = self.max_grid
         x = self.proj(tokens)
         pos = resample_abs_pos_embed(self.pos_embed, new_size=[side, side], old_size=self._grid, num_prefix_tokens=1)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos

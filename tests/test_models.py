@@ -29,6 +29,11 @@ SMALL = {
     "deit_b": (32, 4, 12),
     "dino_vitb16": (32, 4, 12),
     "resnet152": (32, 1, 5),  # timm taps: stem act1, layer1..layer4
+    # EfficientNet-family CNNs: one block per stage (7), stride 32 -> a 1x1 grid at 32 px
+    "efficientnet_lite0": (32, 1, 7),
+    "efficientnet_lite1": (32, 1, 7),
+    "efficientnet_lite2": (32, 1, 7),
+    "mobilenetv2_imagenet": (32, 1, 7),
 }
 LIGHT = [n for n in SMALL if n != "dinov2_vitg14"]  # DINOv2-g (1.1B parameters): test_dinov2_giant
 # DINOv2-L shares DINOv2-S/B's code path; its 1.2 GB checkpoint round trips are left out to keep the suite fast

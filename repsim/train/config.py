@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from repsim.models import SCENARIOS
+from repsim.types import SCENARIOS
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 2,
         "device": "auto",
         "metric": None,  # model-selection metric; default: the dataset's (repsim.metrics.SELECTABLE)
+        "cache_frozen": False,  # frozen-* scenarios: train the head on backbone outputs computed once (no augmentation)
     },
     "knn": {"k": 200, "temperature": 0.1, "batch_size": 256},
 }

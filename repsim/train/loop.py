@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -22,97 +20,54 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from repsim import models
-from repsim.data import Data, prepare
-from repsim.files import save_torch, write_text
+from repsim.data import prepare
+from repsim.files import load_torch, save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
-from repsim.train.config import config_diff
+from repsim.models.classifier import FoundationClassifier
+from repsim.train.utils import (build_model, check_same_config, distributed, param_groups, pick_device, rng_state,
+                                seed_everything, set_rng_state)
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-def check_same_config(cfg: dict[str, Any], run_dir: Path) -> None:
-    """Refuse to resume or reuse ``run_dir`` when it was written by a different config."""
-    path = run_dir / "config.yaml"
-    if path.exists():
-        diff = config_diff(yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(cfg)))
-        if diff:
-            raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
-                             "use another --out")
+def lr_at(iteration: int, *, base_lr: float, warmup: int, plateaus: int) -> float:
+    """The learning rate of ``iteration``: linear warmup over ``warmup`` iterations, then ÷10 per plateau so far."""
+    return base_lr * min(1.0, (iteration + 1) / max(1, warmup)) * 0.1 ** plateaus
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def is_better(value: float, best: float | None) -> bool:
+    """Whether a validation value improves on the best so far (the first always does; NaN never beats a number,
+    any number beats NaN)."""
+    if best is None:
+        return True
+    return not math.isnan(value) and (math.isnan(best) or value > best)
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+class HeadOnOutputs(nn.Module):
+    """The trainable part of a frozen-backbone classifier, fed cached backbone outputs (``train.cache_frozen``)."""
+
+    def __init__(self, model: FoundationClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, backbone_output: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(backbone_output)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two AdamW groups: no weight decay on biases and other 1-D parameters (norms)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_model(cfg: dict[str, Any], data: Data) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The classifier of ``cfg["model"]`` for ``data`` and the ``model.json`` record that rebuilds it."""
-    mc = cfg["model"]
-    kwargs = dict(mc["kwargs"] or {})
-    img_size = int(kwargs.pop("img_size", cfg["data"].get("img_size", 224)))
-    in_chans = int(kwargs.pop("in_chans", data.info.channels))
-    if in_chans != data.info.channels:
-        raise ValueError(f"dataset {data.info.name!r} gives {data.info.channels}-channel images but the model expects "
-                         f"in_chans={in_chans}; set data.channels={in_chans} to convert the images")
-    backbone = models.create(mc["name"], pretrained=bool(mc["pretrained"]), checkpoint=mc["checkpoint"],
-                             img_size=img_size, in_chans=in_chans, **kwargs)
-    # model.classifier configures the appended classifier of the stacked scenarios; linear heads ignore it, so a
-    # spec can set it once for a grid over both heads.
-    classifier = dict(mc["classifier"] or {}) if mc["scenario"].endswith("-stacked") else {}
-    model = models.build_classifier(backbone, mc["scenario"], data.info.num_classes,
-                                    freeze_blocks=mc["freeze_blocks"], decapitate=mc["decapitate"],
-                                    classifier_kwargs=classifier or None)
-    record = {"name": mc["name"], "kwargs": kwargs, "img_size": img_size, "in_chans": in_chans,
-              "scenario": mc["scenario"], "num_classes": data.info.num_classes, "classifier": classifier,
-              "freeze_blocks": mc["freeze_blocks"], "decapitate": mc["decapitate"]}
-    return model, record
+@torch.no_grad()
+def backbone_outputs(model: FoundationClassifier, dataset: torch.utils.data.Dataset, *, batch_size: int,
+                     device: torch.device, num_workers: int) -> TensorDataset:
+    """``(backbone output, target)`` of every sample (eval mode, the dataset's own transform), on the CPU."""
+    model.eval()
+    outputs, targets = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        outputs.append(model.backbone_output(x.to(device)).float().cpu())
+        targets.append(y)
+    return TensorDataset(torch.cat(outputs), torch.cat(targets))
 
 
 @torch.no_grad()
@@ -186,6 +141,17 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         if not (run_dir / "backbone_init.pt").exists():
             save_torch(model.backbone.state_dict(), run_dir / "backbone_init.pt")
 
+    # --- a frozen backbone with train.cache_frozen: the head trains on backbone outputs computed once (eval
+    # transform, so without augmentation), which costs seconds instead of a forward pass per sample and epoch
+    train_net: nn.Module = model
+    val_set = data.datasets["val"]
+    if tc["cache_frozen"] and cfg["model"]["scenario"].startswith("frozen-"):
+        cache_kw = {"batch_size": tc["eval_batch_size"] or tc["batch_size"], "device": device,
+                    "num_workers": tc["num_workers"]}
+        train_set = backbone_outputs(model, data.datasets["train_eval"], **cache_kw)
+        val_set = backbone_outputs(model, val_set, **cache_kw)
+        train_net = HeadOnOutputs(model)
+
     # --- optimisation: AdamW, linear warmup per iteration, ÷10 per plateau; AMP (bf16, else fp16 + scaler) on CUDA
     optimizer = torch.optim.AdamW(param_groups(model, tc["weight_decay"]), lr=tc["lr"])
     amp_dtype = None
@@ -210,7 +176,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
     state = {"epoch": 0, "iteration": 0, "best": None, "best_epoch": None, "best_iteration": None,
              "bad_epochs": 0, "plateaus": 0, "train_seconds": 0.0}
     if resume and (ckpt_dir / "last.pt").exists():
-        ckpt = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
+        ckpt = load_torch(ckpt_dir / "last.pt", map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -219,8 +185,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
     if main:  # metrics of epochs after the checkpoint (a crash between the two writes) are recomputed
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
         write_text(run_dir / "metrics.jsonl", "".join(ln + "\n" for ln in lines[:state["epoch"]]))
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    net = DistributedDataParallel(train_net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else train_net
 
     stop = state["plateaus"] >= tc["max_plateaus"]
     for epoch in range(state["epoch"], tc["epochs"]):
@@ -228,11 +194,12 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
             break
         start = time.perf_counter()
         sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device)
         for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (main and progress)):
-            lr = tc["lr"] * min(1.0, (state["iteration"] + 1) / max(1, warmup)) * 0.1 ** state["plateaus"]
+            lr = lr_at(state["iteration"], base_lr=tc["lr"], warmup=warmup, plateaus=state["plateaus"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -250,12 +217,10 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         state["train_seconds"] += time.perf_counter() - start
 
         # --- validate; keep the best; a plateau of `patience` epochs divides the LR by 10 or ends the run
-        probs, targets, _ = predict(model, data.datasets["val"], desc="val", **eval_kw)
+        probs, targets, _ = predict(train_net, val_set, desc="val", **eval_kw)
         val = compute_metrics(task, targets, probs, data.info.classes)
         value = val[metric_name]
-        improved = state["best"] is None or (not math.isnan(value) and (math.isnan(state["best"]) or
-                                                                         value > state["best"]))
-        if improved:
+        if is_better(value, state["best"]):
             state.update(best=value, best_epoch=epoch, best_iteration=state["iteration"], bad_epochs=0)
             if main:
                 save_torch({"model": model.state_dict(), "epoch": epoch, metric_name: value}, ckpt_dir / "best.pt")
@@ -278,7 +243,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
             dist.barrier()
 
     # --- test the best checkpoint
-    best = torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)
+    best = load_torch(ckpt_dir / "best.pt", map_location=device)
     model.load_state_dict(best["model"])
     probs, targets, seconds = predict(model, data.datasets["test"], desc="test", **eval_kw)
     summary = {

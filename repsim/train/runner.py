@@ -27,7 +27,8 @@ from repsim.data import prepare
 from repsim.knn import knn_evaluate
 from repsim.train.config import expand, load_spec, parse_overrides
 from repsim.files import write_text
-from repsim.train.loop import build_model, check_same_config, distributed, pick_device, train
+from repsim.train.loop import train
+from repsim.train.utils import build_model, check_same_config, distributed, pick_device
 
 
 def _run_dir(exp_dir: Path, lr: float, seed: int) -> Path:
