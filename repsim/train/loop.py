@@ -140,6 +140,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         data.write_split(run_dir / "split.json", cfg["data"].get("split_seed"))
         if not (run_dir / "backbone_init.pt").exists():
             save_torch(model.backbone.state_dict(), run_dir / "backbone_init.pt")
+            save_torch({k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")},
+                       ckpt_dir / "init.pt")
 
     # --- a frozen backbone with train.cache_frozen: the head trains on backbone outputs computed once (eval
     # transform, so without augmentation), which costs seconds instead of a forward pass per sample and epoch
@@ -259,4 +261,5 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
     }
     if main:
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        (ckpt_dir / "last.pt").unlink()  # a finished run is reused through summary.json, never resumed
     return summary

@@ -28,15 +28,13 @@ from repsim.knn import knn_evaluate
 from repsim.train.config import expand, load_spec, parse_overrides
 from repsim.files import write_text
 from repsim.train.loop import train
+from repsim.train.runs import run_dir
 from repsim.train.utils import build_model, check_same_config, distributed, pick_device
 
 
-def _run_dir(exp_dir: Path, lr: float, seed: int) -> Path:
-    return exp_dir / f"lr{lr:g}" / f"seed{seed}"
-
-
-def _train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | None, resume: bool,
-                    progress: bool) -> dict[str, Any]:
+def train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | None, resume: bool = True,
+                   progress: bool = False) -> dict[str, Any]:
+    """The summary of the run of ``cfg`` in ``run_dir``: read when the run has finished, else trained (resumed)."""
     if (run_dir / "summary.json").exists():
         check_same_config(cfg, run_dir)
         return json.loads((run_dir / "summary.json").read_text())
@@ -56,6 +54,12 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {key: stats([s["test"][key] for s in summaries]) for key in keys}
 
 
+def choose_lr(search: Mapping[str, float]) -> float:
+    """The LR (keys: ``f"{lr:g}"``, in grid order) with the best validation value; NaN is worst, ties go to the
+    first."""
+    return float(max(search, key=lambda k: -math.inf if math.isnan(search[k]) else search[k]))
+
+
 def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None = None,
                    resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """LR search (seed 0, best validation metric) then ``train.seeds`` repeats of one resolved config."""
@@ -65,15 +69,14 @@ def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path 
     for lr in grid if len(grid) > 1 else []:
         c = copy.deepcopy(cfg)
         c["train"].update(lr=float(lr), seed=0)
-        s = _train_or_reuse(c, _run_dir(exp_dir, lr, 0), data_root, resume, progress)
+        s = train_or_reuse(c, run_dir(exp_dir, lr, 0), data_root, resume, progress)
         search[f"{lr:g}"] = s["val"][s["metric"]]
-    best_lr = float(grid[0]) if not search else float(
-        max(search, key=lambda k: -math.inf if math.isnan(search[k]) else search[k]))
+    best_lr = float(grid[0]) if not search else choose_lr(search)
     summaries = []
     for seed in range(tc["seeds"]):
         c = copy.deepcopy(cfg)
         c["train"].update(lr=best_lr, seed=seed)
-        summaries.append(_train_or_reuse(c, _run_dir(exp_dir, best_lr, seed), data_root, resume, progress))
+        summaries.append(train_or_reuse(c, run_dir(exp_dir, best_lr, seed), data_root, resume, progress))
     first = summaries[0]
     results = {"dataset": first["dataset"], "model": first["model"], "scenario": first["scenario"],
                "freeze_blocks": first["freeze_blocks"], "decapitate": first["decapitate"],

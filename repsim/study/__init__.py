@@ -1,0 +1,37 @@
+"""The transfer study: the paper's analyses end to end, on any backbone and any datasets the trainer reads.
+
+A study has *starts* (ways to initialise one backbone architecture: the library's pretrained weights, pretraining
+here on a source task, a local checkpoint, from scratch), *targets* and the four *scenarios* (frozen/unfrozen x
+linear head/stacked classifier). Every start x target x scenario is an experiment: LR search on validation (seed
+0), then seeds at the chosen LR. Around them: k-NN on frozen features (Fig 2), progressive freezing (Fig 4) and
+decapitation (Fig 5) curves, other model sizes frozen (Fig 6), CKA before vs after fine-tuning for every start with
+a null reference (Fig 7), the stacked classifier before vs after (Fig A.1), last-block CKA across backbones (Fig 8),
+paired differences between starts with 95% CIs and flags for runs that did not train.
+
+``run_study("natural", out, data_root=...)`` runs a preset (``PRESETS``); ``Study(settings, out).run()`` any
+``Settings``. Re-running resumes: finished runs and CKA files are reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from repsim.study.pipeline import Study, resolved_config
+from repsim.study.settings import DATASETS, PAPER_LR_GRID, PRESETS, SYNTHETIC, Settings, Start
+from repsim.study.similarity import diagonal
+
+__all__ = ["DATASETS", "PAPER_LR_GRID", "PRESETS", "SYNTHETIC", "Settings", "Start", "Study", "diagonal", "run_study",
+           "resolved_config"]
+
+
+def run_study(settings: Settings | str, out: str | Path, *, data_root: str | Path | None = None, jobs: int = 1,
+              threads: int | None = None, device: str = "auto", **overrides: Any) -> dict[str, Any]:
+    """Run the study of ``settings`` (or of the preset of that name, with ``overrides`` of its fields) in ``out``."""
+    if isinstance(settings, str):
+        if settings not in PRESETS:
+            raise ValueError(f"unknown preset {settings!r}; known: {', '.join(PRESETS)}")
+        settings = PRESETS[settings]
+    return Study(replace(settings, **overrides), out, data_root=data_root, jobs=jobs, threads=threads,
+                 device=device).run()

@@ -1,0 +1,211 @@
+"""The study's figures: results per start (headline), k-NN (Fig 2), freezing and decapitation curves (Figs 4, 5),
+model size (Fig 6), CKA before vs after with the null reference (Fig 7), the stacked classifier (Fig A.1) and the
+last block across backbones (Fig 8). Each returns a matplotlib Figure (never shown), or None when there is no data."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from matplotlib.figure import Figure
+
+from repsim.study.pipeline import point_k
+from repsim.study.settings import Settings, Start
+from repsim.study.similarity import diagonal
+
+Results = Mapping[str, Mapping[str, Mapping[str, dict]]]
+
+
+def _axes(n: int, title: str, width: float = 4.2, height: float = 3.2) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(width * n, height), layout="constrained")
+    fig.suptitle(textwrap.fill(title, int(width * n * 11)), fontsize=10)  # ~11 characters of 10 pt per inch
+    return fig, fig.subplots(1, n, squeeze=False)[0]
+
+
+def _targets(res: Results) -> list[str]:
+    return list(dict.fromkeys(t for by_t in res.values() for t in by_t))
+
+
+def transfer(ft: Results, starts: Sequence[Start]) -> Figure | None:
+    """Test metric per scenario, one marker per start: mean ± std and every seed as a dot."""
+    targets = _targets(ft)
+    if not targets:
+        return None
+    fig, axes = _axes(len(targets), "Test metric by scenario and start (mean ± std; dots: seeds)", width=4.6)
+    names = [st.name for st in starts]
+    for ax, t in zip(axes, targets):
+        scenarios = list(dict.fromkeys(sc for st in names for sc in ft.get(st, {}).get(t, {})))
+        metric = ""
+        for i, st in enumerate(names):
+            offset = (i - (len(names) - 1) / 2) * 0.18
+            for j, sc in enumerate(scenarios):
+                r = ft.get(st, {}).get(t, {}).get(sc)
+                if r is None:
+                    continue
+                metric = r["metric"]
+                v = r["test"][metric]
+                ax.errorbar(j + offset, v["mean"], yerr=v["std"], fmt="o", color=f"C{i}", capsize=3,
+                            label=st if j == 0 or sc == scenarios[0] else None)
+                ax.scatter(np.full(len(v["values"]), j + offset + 0.06), v["values"], s=6, color=f"C{i}", alpha=0.5)
+        ax.set_xticks(range(len(scenarios)), [sc.replace("-", "\n") for sc in scenarios], fontsize=7)
+        ax.set(title=t, ylabel=f"test {metric}")
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
+    return fig
+
+
+def knn(knn_res: Results, sizes: Results) -> Figure | None:
+    """k-NN test metric of each start's frozen features (and of the size variants), per target."""
+    targets = _targets(knn_res)
+    if not targets:
+        return None
+    fig, axes = _axes(len(targets), "Fig 2: k-NN on frozen features (test split)")
+    for ax, t in zip(axes, targets):
+        bars = [(name, by_t[t]) for name, by_t in knn_res.items() if t in by_t]
+        bars += [(m, by_t[t]["knn"]) for m, by_t in sizes.items() if t in by_t and "knn" in by_t[t]]
+        metric = bars[0][1]["metric"]
+        ax.bar(range(len(bars)), [r["test"][metric]["mean"] for _, r in bars], color=[f"C{i}" for i in range(len(bars))])
+        ax.set_xticks(range(len(bars)), [textwrap.fill(n, 12) for n, _ in bars], fontsize=7)
+        ax.set(title=t, ylabel=f"test {metric}")
+    return fig
+
+
+def curve(curves: Mapping[str, Any], ft: Results, name: str) -> Figure | None:
+    """Test metric against blocks frozen (Fig 4) or kept (Fig 5), per target: mean ± std over the curve's seeds."""
+    if name not in curves:
+        return None
+    by_start = curves[name]
+    targets = list(dict.fromkeys(t for by_t in by_start.values() for t in by_t))
+    title = ("Fig 4: progressive freezing (first k blocks frozen, linear head)" if name == "freezing"
+             else "Fig 5: decapitation (first k blocks kept, frozen)")
+    fig, axes = _axes(len(targets), title + "; mean ± std over seeds")
+    for ax, t in zip(axes, targets):
+        metric = ""
+        for i, (start, by_t) in enumerate(by_start.items()):
+            for sc, points in by_t.get(t, {}).items():
+                ks = sorted(points, key=point_k)
+                metric = points[ks[0]]["metric"]
+                ax.errorbar([point_k(p) for p in ks], [points[p]["test"][metric]["mean"] for p in ks],
+                            yerr=[points[p]["test"][metric]["std"] for p in ks], marker="o", capsize=3,
+                            color=f"C{i}", label=f"{start} {sc}" if name == "decapitation" else start)
+        scratch = ft.get("scratch", {}).get(t, {}).get("unfrozen-linear")
+        if scratch is not None and metric:
+            ax.axhline(scratch["test"][metric]["mean"], color="grey", linestyle="--", label="scratch, unfrozen-linear")
+        ax.set(title=t, xlabel="blocks frozen" if name == "freezing" else "blocks kept", ylabel=f"test {metric}")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def sizes(size_res: Results, ft: Results, settings: Settings) -> Figure | None:
+    """Fig 6 analogue: frozen-scenario test metric against model size (the study's model first)."""
+    if not size_res:
+        return None
+    main = next((st.name for st in settings.starts if st.kind == "pretrained"), None)
+    models = ([settings.model] if main else []) + list(size_res)
+    fig, axes = _axes(len(settings.targets), "Fig 6: model size, pretrained and frozen (mean ± std over seeds)")
+    for ax, t in zip(axes, settings.targets):
+        metric = ""
+        for i, sc in enumerate(settings.size_scenarios):
+            rows = [(ft[main][t][sc] if m == settings.model else size_res[m][t][sc]) for m in models
+                    if (m == settings.model and sc in ft.get(main or "", {}).get(t, {})) or
+                    (m != settings.model and sc in size_res.get(m, {}).get(t, {}))]
+            if not rows:
+                continue
+            metric = rows[0]["metric"]
+            ax.errorbar(range(len(rows)), [r["test"][metric]["mean"] for r in rows],
+                        yerr=[r["test"][metric]["std"] for r in rows], marker="o", capsize=3, color=f"C{i}", label=sc)
+        ax.set_xticks(range(len(models)), [m.replace("efficientnet_", "") for m in models], fontsize=7)
+        ax.set(title=t, ylabel=f"test {metric}")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def diagonal_groups(mats: Mapping[str, xr.Dataset]) -> dict[str, tuple[list[float], list[float], list[float]]]:
+    """Same-block CKA rows for tables and plots: per start the mean over seeds with [min, max] over seeds, seed 0
+    with its bootstrap CI, and the null reference (mean, [min, max] over pairs of scratch seeds)."""
+    groups: dict[str, list[list[float]]] = {}
+    out: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    for key, ds in mats.items():
+        if key.startswith("fig7/"):
+            _, start, seed = key.split("/")
+            groups.setdefault(start, []).append(diagonal(ds)["cka"])
+            if seed == "seed0":
+                d = diagonal(ds)
+                out[f"{start}, seed 0 [95% bootstrap CI]"] = (d["cka"], d["lower"], d["upper"])
+        elif key.startswith("null/"):
+            groups.setdefault("null", []).append(diagonal(ds)["cka"])
+    for name, rows in groups.items():
+        a = np.array(rows)
+        label = (f"null: scratch vs scratch, {len(rows)} pairs [min, max]" if name == "null"
+                 else f"{name}, mean of {len(rows)} seeds [min, max]")
+        out[label] = (a.mean(0).tolist(), a.min(0).tolist(), a.max(0).tolist())
+    return out
+
+
+def fig7_diagonal(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
+    """CKA(block k before, block k after) against k per start (mean over seeds, band: min–max over seeds), with
+    the null reference as a grey band: where a start's line sits near the band, fine-tuning changed that block as
+    much as two unrelated trainings differ."""
+    targets = [t for t, m in cka.items() if any(k.startswith("fig7/") for k in m)]
+    if not targets:
+        return None
+    fig, axes = _axes(len(targets), "Fig 7: same-block CKA before vs after fine-tuning (unfrozen-linear); grey: "
+                                    "two independently seeded scratch models (null reference)", width=4.6)
+    for ax, t in zip(axes, targets):
+        groups = diagonal_groups(cka[t])
+        colour = 0
+        for label, (mean, lo, hi) in groups.items():
+            if "seed 0" in label:
+                continue
+            x = np.arange(len(mean))
+            if label.startswith("null"):
+                ax.fill_between(x, lo, hi, color="grey", alpha=0.3, label="null (min–max over pairs)")
+                ax.plot(x, mean, color="grey", linestyle="--")
+                continue
+            ax.fill_between(x, lo, hi, color=f"C{colour}", alpha=0.2)
+            ax.plot(x, mean, marker="o", color=f"C{colour}", label=label.split(",")[0])
+            colour += 1
+        ax.set(title=t, xlabel="block", ylabel="CKA(before, after)", ylim=(0, 1.05))
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _grid(panels: Sequence[tuple[str, xr.Dataset]], title: str, note: str) -> Figure | None:
+    from repsim.plot import heatmap_grid
+
+    if not panels:
+        return None
+    ncols = min(len(panels), 3)
+    fig = heatmap_grid([ds for _, ds in panels], titles=[textwrap.fill(p, 28) for p, _ in panels], ncols=ncols)
+    fig.suptitle(textwrap.fill(f"{title} ({note})", int(fig.get_figwidth() * 11)), fontsize=10)
+    return fig
+
+
+def fig7(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
+    """Heatmaps of every block before vs after fine-tuning (seed 0), per target and start."""
+    panels = [(f"{t}: {k.split('/')[1]}", ds) for t, m in cka.items() for k, ds in m.items()
+              if k.startswith("fig7/") and k.endswith("seed0")]
+    return _grid(panels, "Fig 7: blocks before (rows) vs after (columns) fine-tuning", "cells: CKA, seed 0")
+
+
+def figA1(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
+    """The stacked classifier's blocks at initialisation vs fine-tuned, frozen and unfrozen backbone."""
+    panels = [(f"{t}: {k.split('/', 1)[1]}", ds) for t, m in cka.items() for k, ds in m.items()
+              if k.startswith("figA1/")]
+    return _grid(panels, "Fig A.1: stacked classifier blocks before vs after", "cells: CKA")
+
+
+def fig8(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
+    """Last-block CKA across backbones, one panel per target."""
+    panels = []
+    for t, m in cka.items():
+        if "fig8" not in m:
+            continue
+        ds = m["fig8"]
+        models = [str(x) for x in ds["model_a"].values]
+        ds = ds.assign_coords(layer_a=models, layer_b=models).drop_vars(["model_a", "model_b", "module_a", "module_b"])
+        panels.append((t, ds.assign_attrs(model_a="backbone", model_b="backbone")))
+    return _grid(panels, "Fig 8: CKA of the last block across backbones", "cells: CKA")

@@ -1,0 +1,186 @@
+"""Runs a study's experiments as one pool of trainer runs, as soon as what each needs is known.
+
+An experiment is an LR search on seed 0 (one run per LR), then its other seeds at the chosen LR. Every run is its
+own task, so two workers stay busy until the last run: a run waits only for what it needs (an in-domain start's
+pretraining, the LR chosen by another experiment for a curve point) and long runs are submitted first. Finished
+runs are reused (``repsim.train.runner.train_or_reuse``), so a killed study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from repsim.train.runner import choose_lr
+
+
+@dataclass
+class Experiment:
+    """One trainer experiment of a study.
+
+    ``kind`` "train" (LR search + seeds, ``repsim.train.run_experiment``) or "knn" (one k-NN evaluation).
+    ``after``: keys of experiments that must finish first; ``lr_from``: the key whose chosen LR this experiment
+    trains at (instead of its own grid). ``cost`` orders submission (larger first).
+    """
+
+    key: str
+    cfg: dict[str, Any]
+    folder: Path
+    kind: str = "train"
+    after: tuple[str, ...] = ()
+    lr_from: str | None = None
+    cost: float = 0.0
+    # filled while running
+    lr: float | None = None
+    search: dict[str, float] = field(default_factory=dict)
+    pending: set[Future] = field(default_factory=set)
+
+    @property
+    def grid(self) -> list[float]:
+        train = self.cfg["train"]
+        return [float(v) for v in (train["lr_grid"] or [train["lr"]])]
+
+    def runs(self) -> int:
+        """Trainer runs this experiment makes (k-NN: one evaluation)."""
+        if self.kind == "knn":
+            return 1
+        seeds = int(self.cfg["train"]["seeds"])
+        return seeds if self.lr_from or len(self.grid) == 1 else len(self.grid) + seeds - 1
+
+
+def _init_worker(threads: int) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+
+
+def _train_run(cfg: dict[str, Any], run_dir: str, data_root: str | None) -> dict[str, Any]:
+    from repsim.train.runner import train_or_reuse
+
+    return train_or_reuse(cfg, Path(run_dir), data_root)
+
+
+def _knn_run(cfg: dict[str, Any], folder: str, data_root: str | None) -> dict[str, Any]:
+    import json
+
+    from repsim.train.runner import run_knn
+
+    done = Path(folder) / "knn.json"
+    return json.loads(done.read_text()) if done.exists() else run_knn(cfg, Path(folder), data_root=data_root)
+
+
+class Pool:
+    """``jobs`` worker processes of ``threads`` torch threads each, or this process when ``jobs == 1``. Tiny models
+    gain little from intra-op threads and lose badly to them on a busy machine, so processes beat threads."""
+
+    def __init__(self, jobs: int, threads: int) -> None:
+        if jobs < 1 or threads < 1:
+            raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
+        self.executor = None if jobs == 1 else ProcessPoolExecutor(
+            jobs, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Start ``fn(*args)`` in a worker (with one job: run it now) and return its future."""
+        if self.executor is not None:
+            return self.executor.submit(fn, *args)
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as err:  # delivered through the future, as from a worker
+            future.set_exception(err)
+        return future
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+            self.executor = None
+
+
+class Scheduler:
+    """Runs experiments in a pool; ``run`` returns ``{key: results}`` (``results.json`` / ``knn.json`` contents)."""
+
+    def __init__(self, pool: Pool, data_root: str | None) -> None:
+        self.pool, self.data_root = pool, data_root
+        self.owner: dict[Future, tuple[Experiment, float | None]] = {}
+
+    def _submit_runs(self, exp: Experiment, lrs: Sequence[float], seeds: Sequence[int]) -> None:
+        from repsim.train.runs import run_dir
+
+        for lr in lrs:
+            for seed in seeds:
+                cfg = copy.deepcopy(exp.cfg)
+                cfg["train"].update(lr=float(lr), seed=seed)
+                fut = self.pool.submit(_train_run, cfg, str(run_dir(exp.folder, lr, seed)), self.data_root)
+                exp.pending.add(fut)
+                self.owner[fut] = (exp, lr if len(lrs) > 1 else None)
+
+    def _start(self, exp: Experiment, done: Mapping[str, Experiment]) -> None:
+        if exp.kind == "knn":
+            fut = self.pool.submit(_knn_run, exp.cfg, str(exp.folder), self.data_root)
+            exp.pending.add(fut)
+            self.owner[fut] = (exp, None)
+        elif exp.lr_from is not None:
+            exp.lr = done[exp.lr_from].lr
+            self._submit_runs(exp, [exp.lr], range(int(exp.cfg["train"]["seeds"])))
+        elif len(exp.grid) > 1:
+            self._submit_runs(exp, exp.grid, [0])
+        else:
+            exp.lr = exp.grid[0]
+            self._submit_runs(exp, [exp.lr], range(int(exp.cfg["train"]["seeds"])))
+
+    def _finish(self, exp: Experiment) -> dict[str, Any]:
+        from repsim.train.runner import run_experiment
+
+        if exp.kind == "knn":
+            return _knn_run(exp.cfg, str(exp.folder), self.data_root)
+        cfg = copy.deepcopy(exp.cfg)
+        if exp.lr_from is not None:
+            cfg["train"].update(lr=exp.lr, lr_grid=None)
+        return run_experiment(cfg, exp.folder, data_root=self.data_root, resume=True, progress=False)
+
+    def run(self, experiments: Sequence[Experiment], desc: str = "runs") -> dict[str, dict[str, Any]]:
+        """Run every experiment (each after its dependencies); errors in a run stop the study."""
+        keys = {e.key for e in experiments}
+        unknown = sorted({d for e in experiments for d in (*e.after, *([e.lr_from] if e.lr_from else [])) if d not in keys})
+        if unknown:
+            raise ValueError(f"experiments depend on unknown experiments {unknown}")
+        waiting = sorted(experiments, key=lambda e: -e.cost)
+        done: dict[str, Experiment] = {}
+        results: dict[str, dict[str, Any]] = {}
+        with tqdm(total=sum(e.runs() for e in experiments), desc=desc, unit="run") as bar:
+            while waiting or self.owner:
+                ready = [e for e in waiting if all(d in done for d in (*e.after, *([e.lr_from] if e.lr_from else [])))]
+                for exp in ready:
+                    waiting.remove(exp)
+                    self._start(exp, done)
+                if not self.owner:
+                    if waiting:  # nothing runs and nothing can start: a dependency cycle
+                        raise ValueError(f"experiments wait on each other: {[e.key for e in waiting]}")
+                    break
+                finished, _ = wait(list(self.owner), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    exp, search_lr = self.owner.pop(fut)
+                    exp.pending.discard(fut)
+                    summary = fut.result()  # re-raises a worker's error
+                    bar.update()
+                    bar.set_postfix_str(exp.key, refresh=False)
+                    if search_lr is not None:
+                        exp.search[f"{search_lr:g}"] = summary["val"][summary["metric"]]
+                    if exp.pending:
+                        continue
+                    if exp.kind == "train" and exp.lr is None:  # the search is complete: seeds at the chosen LR
+                        exp.lr = choose_lr({f"{lr:g}": exp.search[f"{lr:g}"] for lr in exp.grid})
+                        self._submit_runs(exp, [exp.lr], range(1, int(exp.cfg["train"]["seeds"])))
+                        if exp.pending:
+                            continue
+                    results[exp.key] = self._finish(exp)
+                    done[exp.key] = exp
+        return results

@@ -1,0 +1,220 @@
+"""What a transfer study runs: its starts (ways to initialise the backbone), targets, scenarios and protocol, and the
+named presets (``natural``, ``full``, ``demo``, ``paper``, ``tiny``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from repsim.types import SCENARIOS
+
+# Data blocks of the datasets a study can use by name (roots are relative to the data root).
+DATASETS: dict[str, dict[str, Any]] = {
+    "pneumoniamnist": {"dataset": "medmnist", "root": "medmnist", "flag": "pneumoniamnist"},
+    "retinamnist": {"dataset": "medmnist", "root": "medmnist", "flag": "retinamnist"},
+    "breastmnist": {"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist"},
+    "aptos2019": {"dataset": "aptos2019", "root": "APTOS2019"},
+    "cbis_ddsm": {"dataset": "cbis_ddsm", "root": "CBIS-DDSM"},
+    "isic2019": {"dataset": "isic2019", "root": "ISIC2019"},
+    "chexpert": {"dataset": "chexpert", "root": "CheXpert"},
+}
+# Built-in synthetic tasks (repsim.data.synthetic), written once as image folders under <out>/data (random
+# 80/10/10 split): the source has six texture classes, the target four of them drawn with another seed.
+SYNTHETIC: dict[str, dict[str, int]] = {
+    "synthetic-source": {"num_classes": 6, "seed": 1},
+    "synthetic-target": {"num_classes": 4, "seed": 2},
+}
+PAPER_LR_GRID = [1.0e-5, 5.0e-5, 2.0e-4, 1.0e-3]  # 4 values in [1e-5, 1e-3], as the packaged table specs
+START_KINDS = ("pretrained", "source", "checkpoint", "scratch")
+
+
+@dataclass(frozen=True)
+class Start:
+    """One way to initialise the backbone: the library's ``pretrained`` weights, pretraining here on a ``source``
+    task, a local ``checkpoint``, or ``scratch`` (random init). ``targets``/``scenarios`` restrict what this start
+    is fine-tuned on (None: the study's)."""
+
+    name: str
+    kind: str
+    source: str | None = None
+    checkpoint: str | None = None
+    targets: tuple[str, ...] | None = None
+    scenarios: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a study runs.
+
+    ``train``/``pretrain`` are trainer ``train`` blocks; ``frozen_train`` updates ``train`` for the frozen scenarios
+    and ``target_train`` per target. ``classifier`` configures the stacked classifier. ``freeze_blocks`` /
+    ``decapitate`` None mean ``0..depth`` / ``1..depth``; an empty list skips that curve. ``sizes``: other models
+    (with ``pretrained=True``) compared frozen (Fig 6). ``fig8_models``: extra pretrained models whose last block
+    joins Fig 8. ``normalise="model"`` feeds every dataset with the backbone's own input normalisation (what its
+    pretrained weights expect) instead of the dataset's statistics.
+    """
+
+    model: str = "vit_tiny_patch16_224"
+    model_kwargs: dict[str, Any] = field(
+        default_factory=lambda: {"patch_size": 4, "depth": 6, "embed_dim": 48, "num_heads": 2})
+    img_size: int = 28
+    normalise: str = "dataset"
+    starts: tuple[Start, ...] = (Start("in-domain", "source", source="pneumoniamnist"),
+                                 Start("scratch", "scratch", scenarios=("unfrozen-linear",)))
+    targets: tuple[str, ...] = ("retinamnist", "breastmnist")
+    scenarios: tuple[str, ...] = SCENARIOS
+    classifier: dict[str, Any] = field(
+        default_factory=lambda: {"model": "deit_tiny_patch16_224", "depth": 2, "embed_dim": 48, "num_heads": 2})
+    pretrain: dict[str, Any] = field(default_factory=lambda: {
+        "epochs": 6, "batch_size": 64, "lr": 1.0e-3, "warmup_epochs": 1, "patience": 2, "max_plateaus": 1,
+        "weight_decay": 0.05, "num_workers": 0})
+    train: dict[str, Any] = field(default_factory=lambda: {
+        "epochs": 6, "batch_size": 64, "lr_grid": PAPER_LR_GRID, "seeds": 3, "warmup_epochs": 1, "patience": 2,
+        "max_plateaus": 2, "num_workers": 0})
+    frozen_train: dict[str, Any] = field(default_factory=dict)
+    target_train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    target_scenarios: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per target: only these scenarios
+    freeze_blocks: list[int] | None = None
+    freezing_starts: tuple[str, ...] | None = None  # starts that get the freezing curve (None: the first)
+    decapitate: list[int] | None = None
+    decapitation_starts: tuple[str, ...] | None = None  # starts that get the decapitation curve (None: the first)
+    decapitate_scenarios: tuple[str, ...] = ("frozen-stacked",)
+    curve_seeds: int = 1
+    knn: dict[str, Any] = field(default_factory=lambda: {"k": 200, "temperature": 0.1, "batch_size": 256})
+    sizes: tuple[str, ...] = ()
+    size_scenarios: tuple[str, ...] = ("frozen-linear", "frozen-stacked")
+    fig8_models: tuple[str, ...] = ()
+    cka_batch_size: int = 32
+    cka_seeds: int = 1  # fine-tuned seeds whose blocks are compared with their start (Fig 7)
+    n_boot: int = 1000
+    synthetic_samples: int = 2000  # images per built-in synthetic task
+
+    # ----- derived
+    def start(self, name: str) -> Start:
+        """The start called ``name``."""
+        for s in self.starts:
+            if s.name == name:
+                return s
+        raise KeyError(f"no start {name!r}; the study has {[s.name for s in self.starts]}")
+
+    def experiments(self) -> list[tuple[Start, str, str]]:
+        """Every (start, target, scenario) the study fine-tunes, in settings order."""
+        return [(s, t, sc) for s in self.starts for t in (s.targets or self.targets)
+                for sc in (s.scenarios or self.scenarios) if sc in self.target_scenarios.get(t, SCENARIOS)]
+
+    def curve_starts(self, curve: str) -> tuple[str, ...]:
+        """The starts that get the ``"freezing"`` or ``"decapitation"`` curve."""
+        chosen = self.freezing_starts if curve == "freezing" else self.decapitation_starts
+        return chosen if chosen is not None else (self.starts[0].name,)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent setting."""
+        if not self.starts:
+            raise ValueError("the study needs at least one start")
+        names = [s.name for s in self.starts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"start names must be unique, got {names}")
+        known = [*DATASETS, *SYNTHETIC]
+        for s in self.starts:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.name):
+                raise ValueError(f"start name {s.name!r} must be a slug (letters, digits, '.', '_', '-'): it names a "
+                                 "folder")
+            if s.kind not in START_KINDS:
+                raise ValueError(f"start {s.name!r}: kind must be one of {START_KINDS}, got {s.kind!r}")
+            if (s.kind == "source") != (s.source is not None):
+                raise ValueError(f"start {s.name!r}: a source task goes with kind 'source' (and only with it)")
+            if (s.kind == "checkpoint") != (s.checkpoint is not None):
+                raise ValueError(f"start {s.name!r}: a checkpoint goes with kind 'checkpoint' (and only with it)")
+            for name in ([s.source] if s.source else []) + list(s.targets or ()):
+                if name not in known:
+                    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")
+            bad = [sc for sc in (s.scenarios or ()) if sc not in SCENARIOS]
+            if bad:
+                raise ValueError(f"start {s.name!r}: unknown scenarios {bad}; expected {', '.join(SCENARIOS)}")
+        if not self.targets:
+            raise ValueError("the study needs at least one target dataset")
+        for name in self.targets:
+            if name not in known:
+                raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")
+        bad = [s for s in (*self.scenarios, *self.decapitate_scenarios, *self.size_scenarios) if s not in SCENARIOS]
+        if bad:
+            raise ValueError(f"unknown scenarios {bad}; expected {', '.join(SCENARIOS)}")
+        if self.normalise not in ("dataset", "model"):
+            raise ValueError(f"normalise must be 'dataset' or 'model', got {self.normalise!r}")
+        for curve, needed, points in (("freezing", ("unfrozen-linear",), self.freeze_blocks),
+                                      ("decapitation", self.decapitate_scenarios, self.decapitate)):
+            if points == []:
+                continue
+            for name in self.curve_starts(curve):
+                if name not in names:
+                    raise ValueError(f"{curve}_starts: {name!r} is not a start of the study ({names})")
+                start = self.start(name)
+                have = {(t, sc) for s, t, sc in self.experiments() if s == start}
+                lacking = [(t, sc) for t in self.targets for sc in needed if (t, sc) not in have]
+                if lacking or not needed:
+                    raise ValueError(f"the {curve} curve of start {name!r} takes its LR from its full {needed} runs, "
+                                     f"which the study does not run for {lacking}: add them (or set {curve} to [])")
+        if not 1 <= self.curve_seeds <= int(self.train.get("seeds", 1)):
+            raise ValueError(f"curve_seeds must be in 1..train.seeds, got {self.curve_seeds}")
+        if not 1 <= self.cka_seeds <= int(self.train.get("seeds", 1)):
+            raise ValueError(f"cka_seeds must be in 1..train.seeds, got {self.cka_seeds}")
+        if self.cka_batch_size < 4:
+            raise ValueError(f"cka_batch_size must be >= 4 (unbiased HSIC), got {self.cka_batch_size}")
+
+
+_FROZEN_CACHED = {"epochs": 100, "lr_grid": PAPER_LR_GRID, "patience": 10}  # cached outputs: epochs cost ~nothing
+_IMAGENET_TARGETS = ("retinamnist", "breastmnist", "pneumoniamnist")
+
+PRESETS: dict[str, Settings] = {
+    # The paper's question on real data, offline on 2 CPU cores: EfficientNet-Lite0 from real ImageNet weights
+    # (natural domain) vs pretrained here on PneumoniaMNIST (in-domain) vs from scratch, transferred to RetinaMNIST
+    # and BreastMNIST (and PneumoniaMNIST for the ImageNet start) in the four scenarios, 5 seeds, with k-NN,
+    # freezing/decapitation curves, Lite0/1/2 sizes, CKA with a null reference and Fig 8 with MobileNetV2.
+    # Cuts made to fit the time budget (figures/README.md): 48 px, in-domain start without unfrozen-stacked,
+    # 3-value LR grid for fine-tuning, 3 curve seeds, PneumoniaMNIST without unfrozen-stacked and 4 epochs.
+    "natural": Settings(
+        model="efficientnet_lite0", model_kwargs={}, img_size=48, normalise="model",
+        starts=(Start("imagenet", "pretrained", targets=_IMAGENET_TARGETS),
+                Start("in-domain", "source", source="pneumoniamnist",
+                      scenarios=("frozen-linear", "frozen-stacked", "unfrozen-linear")),
+                Start("scratch", "scratch")),
+        classifier={"model": "deit_tiny_patch16_224", "depth": 2, "embed_dim": 192, "num_heads": 3, "max_grid": 8},
+        pretrain={"epochs": 10, "batch_size": 64, "lr": 1.0e-3, "warmup_epochs": 1, "patience": 2,
+                  "max_plateaus": 2, "num_workers": 0},
+        train={"epochs": 12, "batch_size": 64, "lr_grid": [1.0e-4, 3.0e-4, 1.0e-3], "seeds": 5, "warmup_epochs": 1,
+               "patience": 3, "max_plateaus": 2, "num_workers": 0, "cache_frozen": True},
+        frozen_train=_FROZEN_CACHED,
+        target_train={"pneumoniamnist": {"epochs": 4, "patience": 1}},
+        target_scenarios={"pneumoniamnist": ("frozen-linear", "frozen-stacked", "unfrozen-linear")},
+        freeze_blocks=[0, 2, 4, 7], freezing_starts=("imagenet",),
+        decapitation_starts=("imagenet", "in-domain", "scratch"), curve_seeds=3,
+        sizes=("efficientnet_lite1", "efficientnet_lite2"), fig8_models=("mobilenetv2_imagenet",),
+        cka_seeds=5, cka_batch_size=32),
+    # the earlier offline study: a small ViT pretrained on PneumoniaMNIST vs from scratch (about half an hour)
+    "full": Settings(),
+    # `repsim demo` (see repsim.study.demo): one target, no LR search, one seed, short curves
+    "demo": Settings(
+        targets=("retinamnist",), scenarios=("frozen-linear", "unfrozen-linear", "unfrozen-stacked"),
+        pretrain={**Settings().pretrain, "epochs": 3},
+        train={**Settings().train, "epochs": 4, "lr_grid": None, "lr": 5.0e-4, "seeds": 1},
+        freeze_blocks=[0, 3, 6], decapitate=[], n_boot=200),
+    # the paper's study on a GPU: real foundation weights (give model=...), the four paper datasets, the DeiT-B
+    # classifier with ImageNet weights, 100 epochs, 5 seeds, both stacked scenarios decapitated
+    "paper": Settings(
+        model="dinov2_vitb14", model_kwargs={}, img_size=224, starts=(Start("pretrained", "pretrained"),),
+        targets=("aptos2019", "cbis_ddsm", "isic2019", "chexpert"),
+        classifier={"model": "deit_base_patch16_224", "pretrained": True},
+        train={"epochs": 100, "batch_size": 64, "lr_grid": PAPER_LR_GRID, "seeds": 5, "num_workers": 8},
+        decapitate_scenarios=("frozen-stacked", "unfrozen-stacked"), curve_seeds=5, cka_batch_size=64),
+    # a smoke test of every stage (the tests run it on a few dozen images per split)
+    "tiny": Settings(
+        model_kwargs={"patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2},
+        starts=(Start("in-domain", "source", source="pneumoniamnist"), Start("scratch", "scratch")),
+        classifier={"model": "deit_tiny_patch16_224", "depth": 1, "embed_dim": 32, "num_heads": 2},
+        pretrain={**Settings().pretrain, "epochs": 1, "batch_size": 16},
+        train={**Settings().train, "epochs": 1, "batch_size": 16, "lr_grid": [1.0e-3, 1.0e-4], "seeds": 2,
+               "cache_frozen": True},
+        frozen_train={"epochs": 3}, decapitation_starts=("in-domain", "scratch"), curve_seeds=2, cka_seeds=2,
+        knn={"k": 10, "temperature": 0.1, "batch_size": 64}, cka_batch_size=8, n_boot=20),
+}
