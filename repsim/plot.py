@@ -8,9 +8,11 @@ never shown and never registered with pyplot, so scripts and servers can save th
 
 from __future__ import annotations
 
+import io
 import math
 import os
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import seaborn as sns
@@ -19,6 +21,22 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 Matrix = xr.DataArray | xr.Dataset
+CELLS = {"cka": "cells: CKA", "ci": "cells: CKA ± half the 95% CI", "none": ""}
+
+
+class ReprFigure(Figure):
+    """A matplotlib Figure that Jupyter renders inline (``_repr_png_``) even without pyplot or a backend."""
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100)
+        return buf.getvalue()
+
+
+def _wrap(text: str, fig: Figure, fraction: float = 1.0, fontsize: float = 9) -> str:
+    """``text`` wrapped to the width of ``fraction`` of ``fig`` (about 0.6 em per character), line by line."""
+    chars = max(12, int(fig.get_figwidth() * fraction * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
 
 
 def short_labels(names: Sequence[str]) -> list[str]:
@@ -57,19 +75,32 @@ def default_title(da: xr.DataArray) -> str:
 
 
 def _axis(da: xr.DataArray, side: str) -> tuple[str, list[str]]:
-    """(model name, layer names) of one axis; a block of a ``compare_many`` matrix from a single model is labelled
-    with that model and its module names."""
+    """(axis label, tick names) of one axis: ``attrs["axis_<side>"]`` when set, else "<model> layer"; a block of a
+    ``compare_many`` matrix from a single model is labelled with that model and its module names."""
     names = [str(n) for n in da[f"layer_{side}"].values]
     models = da.coords.get(f"model_{side}")
     if models is not None and models.ndim == 1 and len(set(models.values.tolist())) == 1:
-        return str(models.values[0]), [str(n) for n in da[f"module_{side}"].values]
-    return str(da.attrs.get(f"model_{side}", side)), names
+        names, model = [str(n) for n in da[f"module_{side}"].values], str(models.values[0])
+    else:
+        model = str(da.attrs.get(f"model_{side}", side))
+    return str(da.attrs.get(f"axis_{side}", f"{model} layer")), names
 
 
 def _ticks(labels: list[str], max_ticks: int) -> tuple[list[float], list[str]]:
     step = max(1, math.ceil(len(labels) / max_ticks))
     idx = list(range(0, len(labels), step))
     return [i + 0.5 for i in idx], [labels[i] for i in idx]
+
+
+def _cells(da: xr.DataArray, width: xr.DataArray | None, annotate: str) -> np.ndarray | bool:
+    if annotate == "none":
+        return False
+    values = np.asarray(da.values, dtype=float)
+    if annotate == "cka":
+        return np.vectorize(lambda v: f"{v:.2f}")(values)
+    if width is None:
+        raise ValueError("annotate='ci' needs a Dataset with 'lower' and 'upper' (compare(..., bootstrap=...))")
+    return np.vectorize(lambda v, w: f"{v:.2f}\n±{w / 2:.2f}")(values, np.asarray(width.values, dtype=float))
 
 
 def heatmap(
@@ -80,41 +111,49 @@ def heatmap(
     vmax: float = 1.0,
     cmap: str = "magma",
     title: str | None = None,
-    annotate_ci: bool = False,
+    annotate: str = "auto",
     cbar: bool = True,
     max_ticks: int = 24,
 ) -> Figure:
-    """Draw a ``(layer_a, layer_b)`` CKA matrix (DataArray, or the Dataset of ``compare(..., keep_batches=True)``).
+    """Draw a ``(layer_a, layer_b)`` CKA matrix (a DataArray, or a result Dataset of ``repsim.compare``).
 
     Layer 0 is at the bottom-left, tick labels are shortened (``short_labels``), the title defaults to the models
-    and estimator in ``attrs``. ``annotate_ci`` writes each cell's bootstrap CI width (needs a Dataset with
-    ``lower``/``upper``). Draws into ``ax`` when given; returns the Figure, which is never shown.
+    and estimator in ``attrs`` and says what the cells hold. ``annotate``: ``"cka"`` writes each cell's CKA,
+    ``"ci"`` CKA ± half its bootstrap CI (needs ``lower``/``upper``), ``"none"`` nothing, ``"auto"`` CKA up to 12x12
+    cells. Draws into ``ax`` when given; returns the Figure (rendered inline by Jupyter), never shown by pyplot.
     """
     da, width = _split(m)
     if da.dims != ("layer_a", "layer_b"):
         raise ValueError(f"expected dims ('layer_a', 'layer_b'), got {da.dims}")
-    if annotate_ci and width is None:
-        raise ValueError("annotate_ci needs a Dataset with 'lower' and 'upper' (compare(..., keep_batches=True))")
+    if annotate == "auto":
+        annotate = "cka" if max(da.shape) <= 12 else "none"
+    if annotate not in CELLS:
+        raise ValueError(f"annotate must be one of {['auto', *CELLS]}, got {annotate!r}")
     if ax is None:
-        size = (1.6 + 0.35 * max(6, da.sizes["layer_b"]), 1.2 + 0.3 * max(6, da.sizes["layer_a"]))
-        fig = Figure(figsize=size, layout="constrained")
+        cell = 0.55 if annotate == "ci" else 0.35
+        size = (1.8 + cell * max(6, da.sizes["layer_b"]), 1.4 + cell * 0.85 * max(6, da.sizes["layer_a"]))
+        fig = ReprFigure(figsize=size, layout="constrained")
         ax = fig.add_subplot()
-    annot = np.asarray(width.values) if annotate_ci and width is not None else False
     sns.heatmap(
         np.asarray(da.values, dtype=float), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=cbar,
-        cbar_kws={"label": "CKA"} if cbar else None, annot=annot, fmt=".2f", annot_kws={"fontsize": 6},
-        xticklabels=False, yticklabels=False,
+        cbar_kws={"label": "CKA"} if cbar else None, annot=_cells(da, width, annotate), fmt="",
+        annot_kws={"fontsize": 6}, xticklabels=False, yticklabels=False,
     )
     ax.invert_yaxis()  # row 0 (first layer) at the bottom
-    (model_a, names_a), (model_b, names_b) = _axis(da, "a"), _axis(da, "b")
+    (label_a, names_a), (label_b, names_b) = _axis(da, "a"), _axis(da, "b")
     xt, xl = _ticks(short_labels(names_b), max_ticks)
     yt, yl = _ticks(short_labels(names_a), max_ticks)
     ax.set_xticks(xt, xl, rotation=90, fontsize=7)
     ax.set_yticks(yt, yl, rotation=0, fontsize=7)
-    ax.set_xlabel(f"{model_b} layer")
-    ax.set_ylabel(f"{model_a} layer")
-    ax.set_title(default_title(da) if title is None else title, fontsize=9)
-    return ax.get_figure(root=True)
+    ax.set_xlabel(label_b)
+    ax.set_ylabel(label_a)
+    text = default_title(da) if title is None else title
+    if CELLS[annotate]:
+        text = f"{text}\n({CELLS[annotate]})" if text else f"({CELLS[annotate]})"
+    fig = ax.get_figure(root=True)
+    share = ax.get_position().width if ax.get_position().width < 1 else 1.0
+    ax.set_title(_wrap(text, fig, share, 9), fontsize=9)
+    return fig
 
 
 def heatmap_grid(
@@ -125,22 +164,76 @@ def heatmap_grid(
     vmin: float = 0.0,
     vmax: float = 1.0,
     cmap: str = "magma",
-    annotate_ci: bool = False,
+    annotate: str = "auto",
     panel_size: float = 3.2,
+    title: str | None = None,
 ) -> Figure:
-    """Several CKA matrices in a grid with one shared colourbar (same ``vmin``/``vmax`` for all panels)."""
+    """Several CKA matrices in a grid with one shared colourbar (same ``vmin``/``vmax`` for all panels) and an
+    optional overall ``title`` (wrapped to the figure's width)."""
     if not matrices:
         raise ValueError("heatmap_grid needs at least one matrix")
     if titles is not None and len(titles) != len(matrices):
         raise ValueError(f"got {len(titles)} titles for {len(matrices)} matrices")
     ncols = min(len(matrices), ncols or 3)
     nrows = math.ceil(len(matrices) / ncols)
-    fig = Figure(figsize=(panel_size * ncols + 1.0, panel_size * nrows), layout="constrained")
+    fig = ReprFigure(figsize=(panel_size * ncols + 1.0, panel_size * nrows + (0.5 if title else 0)),
+                     layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, m in enumerate(matrices):
-        title = None if titles is None else titles[i]
-        heatmap(m, ax=axes.flat[i], vmin=vmin, vmax=vmax, cmap=cmap, title=title, annotate_ci=annotate_ci, cbar=False)
+        heatmap(m, ax=axes.flat[i], vmin=vmin, vmax=vmax, cmap=cmap, title=None if titles is None else titles[i],
+                annotate=annotate, cbar=False)
     for ax in axes.flat[len(matrices) :]:
         ax.set_axis_off()
     fig.colorbar(axes.flat[0].collections[0], ax=list(axes.flat), label="CKA", shrink=0.8)
+    if title:
+        fig.suptitle(_wrap(title, fig, 1.0, 10), fontsize=10)
+    return fig
+
+
+def _diag(ds: xr.Dataset | xr.DataArray, var: str = "cka") -> np.ndarray:
+    da = ds[var] if isinstance(ds, xr.Dataset) else ds
+    return np.diagonal(np.asarray(da.values, dtype=float))
+
+
+def diagonal(
+    results: Mapping[str, xr.Dataset | Sequence[xr.Dataset]],
+    *,
+    null: Sequence[xr.Dataset] | xr.Dataset | None = None,
+    ax: Axes | None = None,
+    title: str | None = "Same-layer CKA before vs after",
+    xlabel: str = "block",
+) -> Figure:
+    """CKA(layer k of a, layer k of b) against k: one line per label.
+
+    A single Dataset draws its diagonal with the bootstrap CI as a band (when it has ``lower``/``upper``); a list
+    (e.g. one per seed) draws the mean with the min–max over the list as the band. ``null`` (one or several
+    Datasets, e.g. two independently trained models) is drawn as a grey band: a layer whose line falls into it changed
+    as much as two unrelated trainings differ.
+    """
+    if ax is None:
+        fig = ReprFigure(figsize=(5.0, 3.4), layout="constrained")
+        ax = fig.add_subplot()
+    if null is not None:
+        rows = np.array([_diag(d) for d in ([null] if isinstance(null, (xr.Dataset, xr.DataArray)) else null)])
+        x = np.arange(rows.shape[1])
+        ax.fill_between(x, rows.min(0), rows.max(0), color="grey", alpha=0.3,
+                        label=f"null reference ({len(rows)} pair{'s' * (len(rows) > 1)}, min–max)")
+        ax.plot(x, rows.mean(0), color="grey", linestyle="--")
+    for i, (label, res) in enumerate(results.items()):
+        if isinstance(res, (xr.Dataset, xr.DataArray)):
+            mean = _diag(res)
+            band = (_diag(res, "lower"), _diag(res, "upper")) if "lower" in res else None
+            what = "95% CI" if band is not None else ""
+        else:
+            rows = np.array([_diag(d) for d in res])
+            mean, band, what = rows.mean(0), (rows.min(0), rows.max(0)), f"mean of {len(rows)}, min–max"
+        x = np.arange(len(mean))
+        if band is not None:
+            ax.fill_between(x, band[0], band[1], color=f"C{i}", alpha=0.2)
+        ax.plot(x, mean, marker="o", color=f"C{i}", label=f"{label} ({what})" if what else label)
+    ax.set(xlabel=xlabel, ylabel="CKA(before, after)", ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
+    ax.legend(fontsize=7)
+    fig = ax.get_figure(root=True)
+    if title:
+        ax.set_title(_wrap(title, fig, ax.get_position().width, 9), fontsize=9)
     return fig

@@ -147,29 +147,22 @@ def diagonal_groups(mats: Mapping[str, xr.Dataset]) -> dict[str, tuple[list[floa
 
 def fig7_diagonal(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
     """CKA(block k before, block k after) against k per start (mean over seeds, band: min–max over seeds), with
-    the null reference as a grey band: where a start's line sits near the band, fine-tuning changed that block as
+    the null reference as a grey band: where a start's line sits in the band, fine-tuning changed that block as
     much as two unrelated trainings differ."""
+    from repsim.plot import diagonal as plot_diagonal
+
     targets = [t for t, m in cka.items() if any(k.startswith("fig7/") for k in m)]
     if not targets:
         return None
     fig, axes = _axes(len(targets), "Fig 7: same-block CKA before vs after fine-tuning (unfrozen-linear); grey: "
                                     "two independently seeded scratch models (null reference)", width=4.6)
     for ax, t in zip(axes, targets):
-        groups = diagonal_groups(cka[t])
-        colour = 0
-        for label, (mean, lo, hi) in groups.items():
-            if "seed 0" in label:
-                continue
-            x = np.arange(len(mean))
-            if label.startswith("null"):
-                ax.fill_between(x, lo, hi, color="grey", alpha=0.3, label="null (min–max over pairs)")
-                ax.plot(x, mean, color="grey", linestyle="--")
-                continue
-            ax.fill_between(x, lo, hi, color=f"C{colour}", alpha=0.2)
-            ax.plot(x, mean, marker="o", color=f"C{colour}", label=label.split(",")[0])
-            colour += 1
-        ax.set(title=t, xlabel="block", ylabel="CKA(before, after)", ylim=(0, 1.05))
-        ax.legend(fontsize=7)
+        starts: dict[str, list[xr.Dataset]] = {}
+        for key, ds in cka[t].items():
+            if key.startswith("fig7/"):
+                starts.setdefault(key.split("/")[1], []).append(ds)
+        nulls = [ds for key, ds in cka[t].items() if key.startswith("null/")]
+        plot_diagonal(starts, null=nulls or None, ax=ax, title=t)
     return fig
 
 
@@ -178,24 +171,22 @@ def _grid(panels: Sequence[tuple[str, xr.Dataset]], title: str, note: str) -> Fi
 
     if not panels:
         return None
-    ncols = min(len(panels), 3)
-    fig = heatmap_grid([ds for _, ds in panels], titles=[textwrap.fill(p, 28) for p, _ in panels], ncols=ncols)
-    fig.suptitle(textwrap.fill(f"{title} ({note})", int(fig.get_figwidth() * 11)), fontsize=10)
-    return fig
+    return heatmap_grid([ds for _, ds in panels], titles=[p for p, _ in panels], ncols=min(len(panels), 3),
+                        title=f"{title} ({note})", annotate="none")
 
 
 def fig7(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
     """Heatmaps of every block before vs after fine-tuning (seed 0), per target and start."""
     panels = [(f"{t}: {k.split('/')[1]}", ds) for t, m in cka.items() for k, ds in m.items()
               if k.startswith("fig7/") and k.endswith("seed0")]
-    return _grid(panels, "Fig 7: blocks before (rows) vs after (columns) fine-tuning", "cells: CKA, seed 0")
+    return _grid(panels, "Fig 7: blocks before (rows) vs after (columns) fine-tuning", "colour: CKA; seed 0")
 
 
 def figA1(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
     """The stacked classifier's blocks at initialisation vs fine-tuned, frozen and unfrozen backbone."""
     panels = [(f"{t}: {k.split('/', 1)[1]}", ds) for t, m in cka.items() for k, ds in m.items()
               if k.startswith("figA1/")]
-    return _grid(panels, "Fig A.1: stacked classifier blocks before vs after", "cells: CKA")
+    return _grid(panels, "Fig A.1: stacked classifier blocks before vs after", "colour: CKA")
 
 
 def fig8(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
@@ -207,5 +198,5 @@ def fig8(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
         ds = m["fig8"]
         models = [str(x) for x in ds["model_a"].values]
         ds = ds.assign_coords(layer_a=models, layer_b=models).drop_vars(["model_a", "model_b", "module_a", "module_b"])
-        panels.append((t, ds.assign_attrs(model_a="backbone", model_b="backbone")))
-    return _grid(panels, "Fig 8: CKA of the last block across backbones", "cells: CKA")
+        panels.append((t, ds.assign_attrs(axis_a="backbone (last block)", axis_b="backbone (last block)")))
+    return _grid(panels, "Fig 8: CKA of the last block across backbones", "colour: CKA")

@@ -61,35 +61,30 @@ def cka_summary(ds: xr.Dataset) -> dict[str, Any]:
     return out
 
 
-def _cached(path: Path, make: Callable[[], xr.Dataset | xr.DataArray], **attrs: Any) -> xr.Dataset:
+def _cached(path: Path, make: Callable[[], xr.Dataset], **attrs: Any) -> xr.Dataset:
     if not path.exists():
-        made = make()
-        ds = made.to_dataset(name="cka") if isinstance(made, xr.DataArray) else made
-        ds = ds.assign_attrs(attrs)
-        for v in ds.data_vars:
-            ds[v].attrs.update(attrs)
-        save_netcdf(ds, path)
+        save_netcdf(make().assign_attrs(attrs), path)
     return load_netcdf(path)
 
 
 def study_cka(study: Study, results: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, xr.Dataset]]:
     """``{target: {name: Dataset}}``; names ``fig7/<start>/seed<k>``, ``null/seed<i>-<j>``,
     ``figA1/<start>/<scenario>`` and ``fig8``."""
-    from repsim.compare import compare, compare_many
+    from repsim.compare import Bootstrap, compare, compare_many
     from repsim.data import prepare
     from repsim.train.utils import pick_device
 
     s = study.settings
     device = pick_device(study.device)
-    kw = {"device": device, "keep_batches": True, "n_boot": s.n_boot, "progress": False}
+    kw = {"device": device, "bootstrap": Bootstrap(s.n_boot), "progress": False}
     targets = list(dict.fromkeys(t for _, t, _ in s.experiments()))
     scratch = next((st.name for st in s.starts if st.kind == "scratch"), None)
     out: dict[str, dict[str, xr.Dataset]] = {}
     for t in targets:
         folder = study.out / "cka" / t
         test = prepare(study.data_block(t), study.data_root).datasets["test"]
-        # at least 4 batches, for the bootstrap over batches
-        loader = torch.utils.data.DataLoader(test, batch_size=min(s.cka_batch_size, max(4, len(test) // 4)))
+        # at least 10 batches for the bootstrap over batches (and at least 4 samples per batch)
+        loader = torch.utils.data.DataLoader(test, batch_size=min(s.cka_batch_size, max(4, len(test) // 10)))
 
         def runs(start: str, scenario: str) -> list[Path]:
             key = f"finetune/{start}/{t}/{scenario}"
@@ -99,28 +94,27 @@ def study_cka(study: Study, results: Mapping[str, dict[str, Any]]) -> dict[str, 
             before, after = load_run(run, "init", part), load_run(run, "best", part)  # type: ignore[arg-type]
             layers = before.layer_names() if part == "backbone" else [
                 n for n, _ in before.named_modules() if n.startswith("classifier.blocks.") and n.count(".") == 2]
-            return compare(before, after, loader, layers_a=layers, **kw)
+            return compare(before, after, loader, layers_a=layers, labels=("before", "after"), **kw)
 
         mats: dict[str, xr.Dataset] = {}
         for st in s.starts:
             for seed, run in enumerate(runs(st.name, "unfrozen-linear")[:s.cka_seeds]):
                 mats[f"fig7/{st.name}/seed{seed}"] = _cached(
-                    folder / f"fig7_{st.name}_seed{seed}.nc", lambda run=run: before_after(run),
-                    model_a="before", model_b="after", run=str(run))
-        def between(a: Path, b: Path) -> xr.Dataset:
-            first = load_run(a)
-            return compare(first, load_run(b), loader, layers_a=first.layer_names(), **kw)
+                    folder / f"fig7_{st.name}_seed{seed}.nc", lambda run=run: before_after(run), run=str(run))
+        def between(a: Path, b: Path, labels: tuple[str, str]) -> xr.Dataset:
+            return compare(load_run(a), load_run(b), loader, labels=labels, **kw)
 
         trained = runs(scratch, "unfrozen-linear") if scratch else []
         for (i, a), (j, b) in itertools.combinations(enumerate(trained), 2):
-            mats[f"null/seed{i}-{j}"] = _cached(folder / f"null_seed{i}-{j}.nc", lambda a=a, b=b: between(a, b),
-                                                model_a=f"scratch seed {i}", model_b=f"scratch seed {j}")
+            mats[f"null/seed{i}-{j}"] = _cached(
+                folder / f"null_seed{i}-{j}.nc",
+                lambda a=a, b=b, i=i, j=j: between(a, b, (f"scratch seed {i}", f"scratch seed {j}")))
         first_stacked = next((st for st in s.starts if any(runs(st.name, sc) for sc in STACKED)), None)
         for sc in STACKED if first_stacked else ():
             for run in runs(first_stacked.name, sc)[:1]:
                 mats[f"figA1/{first_stacked.name}/{sc}"] = _cached(
                     folder / f"figA1_{first_stacked.name}_{sc}.nc", lambda run=run: before_after(run, "classifier"),
-                    model_a="before", model_b="after", run=str(run))
+                    run=str(run))
 
         def fig8() -> xr.Dataset:
             models: dict[str, nn.Module] = {}
