@@ -1,38 +1,63 @@
 """repsim: representation analysis of vision models (CKA, activation capture, layer surgery).
 
-Data flows model -> activations (``capture``/``extract``, xarray) -> CKA (``MinibatchCKA``/``compare``, xarray)
--> figure (``heatmap``). Heavy sub-modules are imported on first use so ``import repsim`` stays quick.
+Data flows model -> activations (``capture``/``extract``, xarray) -> CKA (``MinibatchCKA``/``compare``, an xarray
+Dataset with its provenance) -> figure (``heatmap``, ``plot.diagonal``). Everything is imported on first use, so
+``import repsim`` and ``repsim --help`` stay quick.
+
+``repsim.cka``, ``repsim.capture`` and ``repsim.compare`` are the functions, also after their same-named modules
+are imported (``from repsim.cka import MinibatchCKA`` reads the module; ``import repsim.cka as m`` gives the
+function, so use ``from ... import``).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types as _stdlib_types  # ``types`` itself is the name of the sub-module repsim.types
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-# Imported eagerly: ``cka``, ``capture`` and ``compare`` are both functions and sub-modules. Binding the functions
-# here, after their modules are imported, replaces the sub-module attributes that the import system sets, so
-# ``repsim.cka(x, y)`` is the function while ``import repsim.cka`` still works.
-from repsim.capture import capture, extract  # noqa: E402
-from repsim.cka import MinibatchCKA, cka, gram_vector  # noqa: E402
-from repsim.compare import cka_matrix, compare, compare_many  # noqa: E402
-
+# public name -> (module, attribute)
 _LAZY = {
-    "heatmap": "repsim.plot",
-    "heatmap_grid": "repsim.plot",
+    "cka": ("repsim.cka", "cka"),
+    "MinibatchCKA": ("repsim.minibatch", "MinibatchCKA"),
+    "gram_vector": ("repsim.gram", "gram_vector"),
+    "capture": ("repsim.capture", "capture"),
+    "extract": ("repsim.capture", "extract"),
+    "compare": ("repsim.compare", "compare"),
+    "compare_many": ("repsim.compare", "compare_many"),
+    "cka_matrix": ("repsim.compare", "cka_matrix"),
+    "Bootstrap": ("repsim.compare", "Bootstrap"),
+    "compare_models": ("repsim.workflows", "compare_models"),
+    "heatmap": ("repsim.plot", "heatmap"),
+    "heatmap_grid": ("repsim.plot", "heatmap_grid"),
+    "load": ("repsim.files", "load"),
 }
-
 # Sub-packages reachable as attributes after a plain ``import repsim`` (imported on first use).
-_SUBMODULES = ("models", "surgery", "data", "train", "metrics", "knn", "study", "report")
+_SUBMODULES = ("models", "surgery", "data", "train", "metrics", "knn", "study", "report", "plot", "files")
+_FUNCTIONS_NAMED_AS_MODULES = {"cka", "capture", "compare"}
 
-__all__ = sorted([*_LAZY, *_SUBMODULES, "MinibatchCKA", "capture", "cka", "cka_matrix", "compare", "compare_many",
-                  "extract", "gram_vector"])
+__all__ = sorted([*_LAZY, *_SUBMODULES])
+
+
+class _Package(_stdlib_types.ModuleType):
+    """The package object: keeps ``cka``/``capture``/``compare`` bound to the functions when the import system
+    binds the same-named sub-modules onto the package."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FUNCTIONS_NAMED_AS_MODULES and isinstance(value, _stdlib_types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
     if name in _SUBMODULES:

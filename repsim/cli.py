@@ -1,43 +1,276 @@
-"""The ``repsim`` command line: one argparse parser, sub-commands registered by the modules that own them."""
+"""repsim: CKA between vision models, layer surgery and the transfer study of Pales Huix et al. (WACV 2024).
+
+Run `repsim COMMAND --help` for each command. Errors print one line and exit with status 2; --debug (anywhere on
+the line) shows the traceback. Also `python -m repsim`.
+"""
+
+# Each sub-command is an ``add_<name>`` parser function and a handler of a few lines over one library call (DINOv2's
+# get_args_parser -> main). Library modules are imported inside the handlers, so ``repsim --help`` stays fast.
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
-# Each module defines ``register(subparsers)`` adding its sub-commands with ``set_defaults(func=...)``.
-# Keeping the list here (and the code in the owning module) gives one obvious home per concern.
-_COMMAND_MODULES = (
-    "repsim.commands",  # cka, heatmap, demo
-    "repsim.models.cli",  # models
-    "repsim.train.cli",  # train, table, knn
-    "repsim.report",  # report
-)
+from repsim.types import ESTIMATORS, POOLS
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every help line, descriptions kept as written."""
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, formatter_class=_Formatter)
+
+
+# ------------------------------------------------------------------------------------------------------- models
+def add_models(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "models", "list the model zoo", "The model zoo: name, source library, parameters, native "
+                "resolution and pooled feature. Any timm model name is accepted as well.")
+    p.set_defaults(func=models)
+
+
+def models(args: argparse.Namespace) -> int:
+    from repsim.models.zoo import table
+
+    print(table())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- cka
+def add_cka(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "cka", "layerwise CKA between two models on a dataset (writes cka.nc and cka.png)",
+                "Minibatch CKA between the blocks of two models (or of one model with itself) on a dataset.\n"
+                "A model is a zoo/timm name (--model-a) or a run folder written by `repsim train` (--run-a; "
+                "its best weights, or --which-a init). Under torchrun each process takes whole batches and rank 0 "
+                "writes the files.")
+    for side in ("a", "b"):
+        g = p.add_mutually_exclusive_group(required=side == "a")
+        g.add_argument(f"--model-{side}", help=f"zoo or timm name of model {side.upper()}")
+        g.add_argument(f"--run-{side}", help=f"trainer run folder whose backbone is model {side.upper()}")
+        p.add_argument(f"--which-{side}", choices=("init", "best"), default="best",
+                       help=f"weights of --run-{side}: before (init) or after (best) fine-tuning")
+        p.add_argument(f"--checkpoint-{side}", help=f"local weights for --model-{side} (default: random init)")
+    p.add_argument("--pretrained", action="store_true", help="load the library's pretrained weights for --model-*")
+    p.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the two models in the result")
+    p.add_argument("--layers", nargs="+", help="names or glob patterns, e.g. 'blocks.*' (default: the model's blocks)")
+    p.add_argument("--layers-b", nargs="+", help="layers of model B (default: --layers expanded on model B)")
+    p.add_argument("--pool", default="flatten", choices=POOLS, help="how a layer output becomes one row per sample")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic', a dataset name (retinamnist, ...), a .npz with MedMNIST keys or an image folder")
+    p.add_argument("--data-root", help="folder holding the named datasets (default: $REPSIM_DATA or ../shared/data)")
+    p.add_argument("--split", default="test", help="split of data that has one")
+    p.add_argument("--img-size", type=int, help="input size (default: a run's own, else 224)")
+    p.add_argument("--batch-size", type=int, default=64, help="CKA batch size (batches are near-equal in size)")
+    p.add_argument("--n-samples", type=int, help="use the first N samples (default: all)")
+    p.add_argument("--estimator", default="unbiased", choices=ESTIMATORS, help="HSIC estimator")
+    p.add_argument("--boot", type=int, default=0, help="bootstrap resamples for confidence intervals (0: none)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's GPU when there is one)")
+    p.add_argument("--num-workers", type=int, default=0, help="data loading processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of random initialisations")
+    p.add_argument("--out", default="cka-out", help="output folder for cka.nc and cka.png")
+    p.set_defaults(func=cka)
+
+
+def cka(args: argparse.Namespace) -> int:
+    import torch
+
+    from repsim.workflows import compare_models
+
+    torch.manual_seed(args.seed)
+    nc, png = compare_models(
+        args.model_a or args.run_a, args.model_b or args.run_b, args.data, Path(args.out), which=(args.which_a,
+        args.which_b), checkpoints=(args.checkpoint_a, args.checkpoint_b), pretrained=args.pretrained,
+        labels=args.labels, layers_a=args.layers, layers_b=args.layers_b, pool=args.pool, data_root=args.data_root,
+        split=args.split, img_size=args.img_size, batch_size=args.batch_size, n_samples=args.n_samples,
+        estimator=args.estimator, bootstrap=args.boot or None, device=args.device, num_workers=args.num_workers)
+    if nc is not None:
+        print(f"wrote {nc} and {png}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ heatmap
+def add_heatmap(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "heatmap", "re-render a saved CKA result (.nc)", "Draw a CKA result written by repsim (cka.nc).")
+    p.add_argument("file", help="a .nc file written by repsim cka, demo or study")
+    p.add_argument("--out", help="PNG path (default: FILE with .png)")
+    p.add_argument("--vmin", type=float, default=0.0, help="colour scale minimum")
+    p.add_argument("--vmax", type=float, default=1.0, help="colour scale maximum")
+    p.add_argument("--cmap", default="magma", help="matplotlib colour map")
+    p.add_argument("--annotate", default="auto", choices=("auto", "cka", "ci", "none"),
+                   help="cell text: CKA, CKA ± half CI, none (auto: CKA up to 12x12)")
+    p.set_defaults(func=heatmap)
+
+
+def heatmap(args: argparse.Namespace) -> int:
+    from repsim.files import load, save_png
+    from repsim.plot import heatmap as draw
+
+    fig = draw(load(args.file), vmin=args.vmin, vmax=args.vmax, cmap=args.cmap, annotate=args.annotate)
+    print(f"wrote {save_png(fig, args.out or Path(args.file).with_suffix('.png'))}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- demo
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    from repsim.study.demo import DEMO_HELP
+
+    p = _parser(sub, "demo", "the reduced transfer study with CKA heatmaps, no network", DEMO_HELP)
+    p.add_argument("--out", default="repsim-demo", help="output folder (re-running resumes)")
+    p.add_argument("--data-root", help="folder holding medmnist/*.npz, to use real images instead of synthetic ones")
+    p.add_argument("--epochs", type=int, help="fine-tuning (and pretraining) epochs (default: the demo preset's)")
+    p.add_argument("--n-samples", type=int, help="images per synthetic task (default: the preset's)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel training processes")
+    p.set_defaults(func=demo)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from repsim.study.demo import run_demo
+
+    start = time.perf_counter()
+    print(run_demo(args.out, data_root=args.data_root, epochs=args.epochs, n_samples=args.n_samples, jobs=args.jobs))
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- study
+def add_study(sub: argparse._SubParsersAction) -> None:
+    from repsim.study.settings import PRESETS
+
+    p = _parser(sub, "study", "the transfer study (starts x targets x scenarios, curves, CKA, figures)",
+                "Run a transfer study preset, or resume it: finished runs and CKA files are reused.\n"
+                "KEY=VALUE overrides change fields of the preset's repsim.study.Settings (values parsed as YAML; "
+                "dotted keys update dict fields), e.g. train.epochs=3 targets=[breastmnist].")
+    p.add_argument("--preset", default="natural", choices=sorted(PRESETS), help="settings to start from")
+    p.add_argument("--data-root", help="folder holding medmnist/ (default: $REPSIM_DATA or ../shared/data)")
+    p.add_argument("--out", default="runs/study", help="output folder (resumable)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs trained in parallel processes")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: cores // jobs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="changes to the preset's settings")
+    p.set_defaults(func=study)
+
+
+def study(args: argparse.Namespace) -> int:
+    from repsim.data import default_root
+    from repsim.study import run_study
+
+    start = time.perf_counter()
+    summary = run_study(args.preset, args.out, data_root=args.data_root or default_root(), jobs=args.jobs,
+                        threads=args.threads, device=args.device, overrides=args.overrides)
+    print(Path(args.out, "tables.md").read_text())
+    print(f"stages (s): {json.dumps(summary['timings_s'])}; total {time.perf_counter() - start:.0f} s; wrote "
+          f"{args.out}/study.json, tables.md and {', '.join(summary['figures'].values())}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train / knn / table
+_SHORTCUTS = (("--model", "model.name", str), ("--scenario", "model.scenario", str),
+              ("--freeze-blocks", "model.freeze_blocks", int), ("--decapitate", "model.decapitate", int),
+              ("--seeds", "train.seeds", int), ("--epochs", "train.epochs", int))
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    for name, help in (("train", "fine-tune models from an experiment spec (LR search, seeds, resume)"),
+                       ("knn", "k-NN evaluation of frozen backbone features from a spec")):
+        p = _parser(sub, name, help, f"{help}. Runs go to OUT/<spec name>/<grid point>/lr<lr>/seed<k>.")
+        p.add_argument("--spec", required=True, help="spec YAML file or packaged spec name (e.g. table1)")
+        p.add_argument("--data-root", help="folder that relative data.root paths are resolved against")
+        p.add_argument("--out", default="runs", help="output folder")
+        p.add_argument("--dry-run", action="store_true", help="list the runs of the spec and exit")
+        p.add_argument("--resume", action="store_true", help="continue interrupted runs from checkpoints/last.pt")
+        for flag, key, kind in _SHORTCUTS:
+            p.add_argument(flag, type=kind, help=f"same as {key}=VALUE")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=5")
+        p.set_defaults(func=train, kind=None if name == "train" else "knn")
+    p = _parser(sub, "table", "mean ± std results table (markdown) of experiment folders",
+                "One row per model/scenario/variant, one column per dataset, from results.json / knn.json files.")
+    p.add_argument("runs", nargs="+", help="experiment or run folders (searched for results.json / knn.json)")
+    p.add_argument("--digits", type=int, default=3, help="decimals")
+    p.add_argument("--json", action="store_true", help="print the collected results as JSON")
+    p.set_defaults(func=table)
+
+
+def train(args: argparse.Namespace) -> int:
+    from repsim.train.config import expand, load_spec, parse_overrides
+    from repsim.train.runner import run
+
+    overrides = [f"{key}={getattr(args, f[2:].replace('-', '_'))}" for f, key, _ in _SHORTCUTS
+                 if getattr(args, f[2:].replace("-", "_")) is not None] + list(args.overrides)
+    if args.dry_run:
+        spec = {**load_spec(args.spec), **({"kind": args.kind} if args.kind else {})}
+        for name, cfg in expand(spec, parse_overrides(overrides)):
+            print(f"{name}\t{cfg['kind']}\t{cfg['model']['name']}\t{cfg['model']['scenario']}\t{cfg['data']['dataset']}")
+        return 0
+    results = run(args.spec, data_root=args.data_root, out=args.out, overrides=overrides, resume=args.resume,
+                  kind=args.kind)
+    for name, r in results.items():
+        print(f"{name}: test {r['metric']} = {r['test'][r['metric']]['mean']:.4f} ± {r['test'][r['metric']]['std']:.4f}")
+    return 0
+
+
+def table(args: argparse.Namespace) -> int:
+    from repsim.train.table import collect, markdown_table
+
+    results = collect(args.runs)
+    print(json.dumps(results, indent=2) if args.json else markdown_table(results, args.digits))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "report", "self-contained HTML report of a run or study (tables, curves, heatmaps)",
+                "One HTML page with every figure embedded: tables, training curves, CKA heatmaps.")
+    p.add_argument("run_dir", help="a trainer run folder, a folder of experiments or a transfer study folder")
+    p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
+    p.add_argument("--data-root", help="folder the run's relative data root is resolved against (for its CKA)")
+    p.add_argument("--cka-samples", type=int, default=256, help="test images for a single run's CKA")
+    p.set_defaults(func=report)
+
+
+def report(args: argparse.Namespace) -> int:
+    from repsim.report import write_report
+
+    path = write_report(args.run_dir, args.out, data_root=args.data_root, cka_samples=args.cka_samples)
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+COMMANDS = (add_models, add_cka, add_heatmap, add_demo, add_study, add_train, add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the full ``repsim`` parser with every available sub-command."""
-    parser = argparse.ArgumentParser(prog="repsim", description=__doc__)
+    """The ``repsim`` parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="repsim", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:  # a sub-package not built yet must not break the others
-            if err.name is not None and err.name.startswith("repsim"):
-                continue
-            raise
-        module.register(sub)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``repsim`` console script."""
+    """Entry point of ``repsim`` and ``python -m repsim``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # --debug is accepted anywhere
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"repsim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for the user; the traceback with --debug
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"repsim {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

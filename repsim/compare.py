@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from repsim.capture import capture, open_activations, prepare_input, resolve_layers, split_batch
 from repsim.gram import check_estimator, gram_vector
 from repsim.minibatch import MinibatchCKA
-from repsim.shard import shard_batches, world
+from repsim.shard import shard_batches, world as process_world
 from repsim.types import Estimator, Pool
 
 Layers = str | Sequence[str]
@@ -74,7 +74,7 @@ def _model_name(model: nn.Module, fallback: str) -> str:
 
 
 def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str]], loader: Iterable[Any], *,
-                  pool: Mapping[str, Pool], estimator: Estimator, progress: bool, desc: str, rank: int, world: int
+                  pool: Mapping[str, Pool], estimator: Estimator, progress: bool, desc: str, rank: int, world_size: int
                   ) -> Iterator[tuple[int, int, dict[str, Mapping[str, torch.Tensor]]]]:
     """Yield ``(batch index, n, {tag: {layer: gram_vector}})`` for this process's batches, each model run once with
     Grams formed in its hooks. Consume it inside ``contextlib.closing`` so the hooks go as soon as the consumer
@@ -94,7 +94,7 @@ def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str
         acts = {tag: stack.enter_context(capture(m, layers[tag], pool[tag], transform=to_gram(tag)))
                 for tag, m in models.items()}
         stack.enter_context(torch.inference_mode())
-        for index, batch in tqdm(shard_batches(loader, rank, world), desc=desc, unit="batch",
+        for index, batch in tqdm(shard_batches(loader, rank, world_size), desc=desc, unit="batch",
                                  disable=not progress or rank != 0):
             x, _ = split_batch(batch)
             batch_n[0] = int(x.shape[0])
@@ -103,15 +103,15 @@ def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str
             yield index, batch_n[0], {tag: dict(a) for tag, a in acts.items()}
 
 
-def _finish(engine: MinibatchCKA, bootstrap: Bootstrap | None, world: int, **attrs: Any) -> xr.Dataset:
+def _finish(engine: MinibatchCKA, bootstrap: Bootstrap | None, world_size: int, **attrs: Any) -> xr.Dataset:
     """All-reduce over processes, then the result as a Dataset with every provenance attribute on the Dataset."""
-    if world > 1:
+    if world_size > 1:
         engine.all_reduce()
     if engine.n_batches == 0:
         raise ValueError("the loader yielded no batches")
     ds = engine.compute().to_dataset() if bootstrap is None else engine.bootstrap(
         bootstrap.n_boot, bootstrap.ci, bootstrap.seed)
-    meta = {**ds["cka"].attrs, **ds.attrs, **{k: v for k, v in attrs.items() if v is not None}, "world_size": world}
+    meta = {**ds["cka"].attrs, **ds.attrs, **{k: v for k, v in attrs.items() if v is not None}, "world_size": world_size}
     for var in ds.data_vars:
         ds[var].attrs = {}
     return ds.assign_attrs(meta)
@@ -167,19 +167,19 @@ def compare(model_a: nn.Module, model_b: nn.Module | None, loader: Iterable[Any]
         name_a, name_b = f"{name_a} (a)", f"{name_b} (b)"
     label_a, label_b = _labels(labels, (name_a, name_b))
     within = same and names_b == names_a
-    rank, world = world()
+    rank, world_size = process_world()
     engine = MinibatchCKA(estimator=estimator, label_a=label_a, label_b=label_b, keep_batches=boot is not None)
     tags = {"a": model_a} if same else {"a": model_a, "b": mb}
     layers = {"a": list(dict.fromkeys(names_a + names_b))} if same else {"a": names_a, "b": names_b}
     sel_a, sel_b = set(names_a), set(names_b)
     stream = _stream_grams(tags, layers, loader, pool=dict.fromkeys(tags, pool), estimator=estimator,
-                           progress=progress, desc="cka", rank=rank, world=world)
+                           progress=progress, desc="cka", rank=rank, world_size=world_size)
     with closing(stream):
         for index, n, grams in stream:
             ga = {k: v for k, v in grams["a"].items() if _base(k) in sel_a}
             gb = None if within else {k: v for k, v in grams["a" if same else "b"].items() if _base(k) in sel_b}
             engine.update_grams(ga, gb, n=n, index=index)
-    return _finish(engine, boot, world, pool=pool)
+    return _finish(engine, boot, world_size, pool=pool, **getattr(loader, "normalisation", {}))
 
 
 def _base(key: str) -> str:
@@ -218,15 +218,16 @@ def compare_many(models: Mapping[str, nn.Module], loader: Iterable[Any], *,
     spec = {k: (layers[k] if isinstance(layers, Mapping) else layers) for k in models}
     resolved = {k: resolve_layers(m, default_layers(m) if spec[k] is None else spec[k]) for k, m in models.items()}
     pools = {k: (pool[k] if isinstance(pool, Mapping) else pool) for k in models}
-    rank, world = world()
+    rank, world_size = process_world()
     engine = MinibatchCKA(estimator=estimator, label_a=", ".join(models), keep_batches=boot is not None)
     stream = _stream_grams(models, resolved, loader, pool=pools, estimator=estimator, progress=progress, desc="cka",
-                           rank=rank, world=world)
+                           rank=rank, world_size=world_size)
     with closing(stream):  # hooks are removed at once if an update raises
         for index, n, grams in stream:
             engine.update_grams({f"{tag}/{k}": v for tag, g in grams.items() for k, v in g.items()}, None, n=n,
                                 index=index)
-    out = _finish(engine, boot, world, pool=str(pool) if isinstance(pool, str) else None)
+    out = _finish(engine, boot, world_size, pool=str(pool) if isinstance(pool, str) else None,
+                  **getattr(loader, "normalisation", {}))
     keys = [str(k) for k in out["layer_a"].values]
     model_of, module_of = [k.split("/", 1)[0] for k in keys], [k.split("/", 1)[1] for k in keys]
     return out.assign_coords(model_a=("layer_a", model_of), module_a=("layer_a", module_of),

@@ -8,8 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import xarray as xr
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
@@ -72,5 +76,16 @@ def save_netcdf(obj: xr.DataArray | xr.Dataset, path: str | os.PathLike[str]) ->
 
 def load_netcdf(path: str | os.PathLike[str]) -> xr.Dataset:
     """Read a netCDF file written by ``save_netcdf`` fully into memory (the file is closed on return)."""
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        return ds.load()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            return ds.load()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a netCDF file repsim can read: {str(err).splitlines()[0]}") from None
+
+
+def load(path: str | os.PathLike[str]) -> xr.Dataset:
+    """A CKA result saved by repsim (``cka.nc``; ``Dataset.to_netcdf`` output works too), as an xarray Dataset."""
+    return load_netcdf(path)

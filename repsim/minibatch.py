@@ -135,13 +135,15 @@ class MinibatchCKA:
                 setattr(self, name, sorted((t for part in gathered for t in part), key=lambda t: float(t[0])))
 
     # -- updates ----------------------------------------------------------------------------------------------------
-    def update(self, acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None = None) -> None:
-        """Add one batch of activations ``{layer: (n, ...)}``; ``acts_b`` None compares ``acts_a`` with itself."""
+    def update(self, acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None = None, *,
+               index: int | None = None) -> None:
+        """Add one batch of activations ``{layer: (n, ...)}``; ``acts_b`` None compares ``acts_a`` with itself.
+        ``index``: the batch's position among all processes' batches (see ``update_grams``)."""
         n = _batch_size(acts_a, acts_b)
         vec_a = {k: gram_vector(v, name=k, estimator=self.estimator) for k, v in acts_a.items()}
         vec_b = None if acts_b is None else {k: gram_vector(v, name=k, estimator=self.estimator)
                                              for k, v in acts_b.items()}
-        self.update_grams(vec_a, vec_b, n=n)
+        self.update_grams(vec_a, vec_b, n=n, index=index)
 
     def _buffer(self, side: str, rows: int, n: int, device: torch.device) -> torch.Tensor:
         """A float64 (rows, n^2) stacking buffer kept across batches: a fresh allocation of this size each batch

@@ -14,7 +14,6 @@ What goes in, by what the folder holds:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -208,21 +207,3 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, **kwargs: A
     """Write the report of ``run_dir`` to ``out`` (default ``run_dir/report.html``), atomically."""
     path = Path(out) if out else Path(run_dir) / "report.html"
     return write_text(path, build_report(run_dir, **kwargs))
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """Write a self-contained HTML report of a run, experiment folder or study."""
-    path = write_report(args.run_dir, args.out, data_root=args.data_root, cka_samples=args.cka_samples)
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add ``report`` to the ``repsim`` command line."""
-    p = subparsers.add_parser("report", help="self-contained HTML report of a run or study (tables, curves, heatmaps)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a trainer run folder, a folder of experiments or a transfer study folder")
-    p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
-    p.add_argument("--data-root", help="folder the run's relative data root is resolved against (for its CKA)")
-    p.add_argument("--cka-samples", type=int, default=256, help="test images for a single run's CKA (default 256)")
-    p.set_defaults(func=cmd_report)

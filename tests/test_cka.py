@@ -49,6 +49,9 @@ def ref_hsic1(k: np.ndarray, l: np.ndarray) -> float:
     return float(term / (n * (n - 3)))
 
 
+EST = {False: "biased", True: "unbiased"}
+
+
 def ref_cka(x: np.ndarray, y: np.ndarray, kernel: str = "linear", debiased: bool = False, threshold: float = 1.0) -> float:
     gram = ref_linear_gram if kernel == "linear" else (lambda a: ref_rbf_gram(a, threshold))
     k, l = gram(x), gram(y)
@@ -80,7 +83,7 @@ def test_cka_matches_reference(kernel: str, debiased: bool, n: int, d1, d2: int)
     shape = (n, *d1) if isinstance(d1, tuple) else (n, d1)
     x = rng.standard_normal(shape) + 3.0
     y = np.tanh(x.reshape(n, -1) @ rng.standard_normal((x[0].size, d2))) + rng.standard_normal((n, d2)) - 2.0
-    got = repsim.cka(torch.from_numpy(x), y, kernel=kernel, debiased=debiased)
+    got = repsim.cka(torch.from_numpy(x), y, kernel=kernel, estimator=EST[debiased])
     want = ref_cka(x, y, kernel, debiased)
     assert got == pytest.approx(want, abs=1e-12, rel=1e-10)
 
@@ -98,8 +101,8 @@ def test_feature_space_and_gram_paths_agree() -> None:
     x, y = related(rng, 400, 3, 4)
     pad = np.zeros((400, 500))  # zero columns change nothing mathematically but force the Gram path
     for debiased in (False, True):
-        fs = repsim.cka(x, y, debiased=debiased)
-        gram = repsim.cka(np.hstack([x, pad]), np.hstack([y, pad]), debiased=debiased)
+        fs = repsim.cka(x, y, estimator=EST[debiased])
+        gram = repsim.cka(np.hstack([x, pad]), np.hstack([y, pad]), estimator=EST[debiased])
         assert fs == pytest.approx(gram, abs=1e-12)
 
 
@@ -107,20 +110,20 @@ def test_feature_space_and_gram_paths_agree() -> None:
 def test_invariances(debiased: bool) -> None:
     rng = np.random.default_rng(2)
     x, y = related(rng, 60, 20, 15)
-    base = repsim.cka(x, y, debiased=debiased)
+    base = repsim.cka(x, y, estimator=EST[debiased])
     q, _ = np.linalg.qr(rng.standard_normal((20, 20)))
-    assert repsim.cka(x @ q, y, debiased=debiased) == pytest.approx(base, abs=1e-12)
-    assert repsim.cka(7.5 * x, 0.01 * y, debiased=debiased) == pytest.approx(base, abs=1e-12)
-    assert repsim.cka(x + 100.0, y - 3.0, debiased=debiased) == pytest.approx(base, abs=1e-9)
+    assert repsim.cka(x @ q, y, estimator=EST[debiased]) == pytest.approx(base, abs=1e-12)
+    assert repsim.cka(7.5 * x, 0.01 * y, estimator=EST[debiased]) == pytest.approx(base, abs=1e-12)
+    assert repsim.cka(x + 100.0, y - 3.0, estimator=EST[debiased]) == pytest.approx(base, abs=1e-9)
     a = rng.standard_normal((20, 20)) + np.diag(np.linspace(0.1, 10, 20))  # invertible, far from orthogonal
-    assert abs(repsim.cka(x @ a, y, debiased=debiased) - base) > 1e-3
+    assert abs(repsim.cka(x @ a, y, estimator=EST[debiased]) - base) > 1e-3
 
 
 def test_identical_and_negative_values_are_not_clamped() -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((30, 8))
     assert repsim.cka(x, x) == pytest.approx(1.0, abs=1e-12)
-    values = [repsim.cka(rng.standard_normal((6, 3)), rng.standard_normal((6, 3)), debiased=True) for _ in range(50)]
+    values = [repsim.cka(rng.standard_normal((6, 3)), rng.standard_normal((6, 3)), estimator="unbiased") for _ in range(50)]
     assert min(values) < 0  # unbiased CKA of independent data straddles 0; it must not be clamped
 
 
@@ -129,7 +132,7 @@ def test_bad_input_full_batch() -> None:
     with pytest.raises(ValueError, match="same number of samples"):
         repsim.cka(x, x[:9])
     with pytest.raises(ValueError, match="at least 4"):
-        repsim.cka(x[:3], x[:3], debiased=True)
+        repsim.cka(x[:3], x[:3], estimator="unbiased")
     bad = x.copy()
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -155,7 +158,7 @@ def test_minibatch_matches_reference(estimator: str) -> None:
     sizes = [16, 16, 9, 16]  # a short last batch is normalised by its own size
     a = _batches(5, sizes, {"l0": 5, "l1": 40, "l2": 3})
     b = _batches(6, sizes, {"m0": 12, "m1": 7})
-    mb = MinibatchCKA(estimator=estimator, model_a="A", model_b="B")
+    mb = MinibatchCKA(estimator=estimator, label_a="A", label_b="B")
     for ba, bb in zip(a, b):
         mb.update({k: torch.from_numpy(v) for k, v in ba.items()}, {k: torch.from_numpy(v) for k, v in bb.items()})
     da = mb.compute()
@@ -173,7 +176,7 @@ def test_single_batch_minibatch_equals_full_batch_debiased() -> None:
     x, y = related(np.random.default_rng(7), 32, 10, 6)
     mb = MinibatchCKA()
     mb.update({"x": x}, {"y": y})
-    assert float(mb.compute()[0, 0]) == pytest.approx(repsim.cka(x, y, debiased=True), abs=1e-12)
+    assert float(mb.compute()[0, 0]) == pytest.approx(repsim.cka(x, y, estimator="unbiased"), abs=1e-12)
 
 
 def test_cross_equals_block_of_joint() -> None:
@@ -211,7 +214,7 @@ def test_half_precision_activations_promoted() -> None:
     bt = _batches(11, [32], {"x": 64, "y": 48})[0]
     mb = MinibatchCKA()
     mb.update({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in bt.items()})
-    ref = repsim.cka(torch.from_numpy(bt["x"]).to(torch.bfloat16).double(), torch.from_numpy(bt["y"]).to(torch.bfloat16).double(), debiased=True)
+    ref = repsim.cka(torch.from_numpy(bt["x"]).to(torch.bfloat16).double(), torch.from_numpy(bt["y"]).to(torch.bfloat16).double(), estimator="unbiased")
     assert float(mb.compute()[0, 1]) == pytest.approx(ref, abs=1e-5)
 
 
@@ -254,7 +257,7 @@ def test_state_dict_round_trip(tmp_path) -> None:
         first.update(bt)
     torch.save(first.state_dict(), tmp_path / "state.pt")
     resumed = MinibatchCKA(keep_batches=True)
-    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     for bt in batches[3:]:
         resumed.update(bt)
     np.testing.assert_array_equal(resumed.compute().values, full.compute().values)
@@ -274,10 +277,17 @@ def test_bootstrap_interval() -> None:
     off = ds.upper.values - ds.lower.values
     assert off[0, 1] > 0 and off[0, 0] == pytest.approx(0, abs=1e-12)
     same = MinibatchCKA(keep_batches=True)
-    for _ in range(4):
+    for _ in range(10):
         same.update(batches[0])
     s = same.bootstrap(n_boot=50)
     np.testing.assert_allclose(s.upper.values, s.lower.values, atol=1e-12)
+    few = MinibatchCKA(keep_batches=True)
+    for bt in batches[:4]:
+        few.update(bt)
+    with pytest.warns(UserWarning, match="only 4 batches"):
+        few.bootstrap(n_boot=20)
+    with pytest.raises(ValueError, match="n_boot must be a positive"):
+        mb.bootstrap(n_boot=0)
     with pytest.raises(RuntimeError, match="keep_batches"):
         no = MinibatchCKA()
         no.update(batches[0])
@@ -304,14 +314,16 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        batches = _batches(17, [10] * 6, {"p": 5, "q": 7})
+        batches = _batches(17, [6] * 10, {"p": 5, "q": 7})
         mb = MinibatchCKA(keep_batches=True)
-        for bt in batches[rank::world]:  # each rank sees a disjoint shard, as under a DistributedSampler
-            mb.update(bt, {"r": bt["p"] ** 2})
+        for i in range(rank, len(batches), world):  # whole batches per rank, as repsim.shard gives them
+            mb.update(batches[i], {"r": batches[i]["p"] ** 2}, index=i)
         mb.all_reduce()
         if rank == 0:
             da = mb.compute()
-            np.save(out, np.concatenate([da.values.ravel(), [mb.n_samples, mb.n_batches, len(mb.batches)]]))
+            boot = mb.bootstrap(n_boot=200, seed=3)
+            np.save(out, np.concatenate([da.values.ravel(), boot["lower"].values.ravel(), boot["upper"].values.ravel(),
+                                         [mb.n_samples, mb.n_batches, len(mb.batches)]]))
     finally:
         dist.destroy_process_group()
 
@@ -322,12 +334,13 @@ def test_all_reduce_two_gloo_processes(tmp_path) -> None:
         warnings.simplefilter("ignore")
         mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     got = np.load(out)
-    single = MinibatchCKA()
-    for bt in _batches(17, [10] * 6, {"p": 5, "q": 7}):
+    single = MinibatchCKA(keep_batches=True)
+    for bt in _batches(17, [6] * 10, {"p": 5, "q": 7}):
         single.update(bt, {"r": bt["p"] ** 2})
-    np.testing.assert_allclose(got[:-3], single.compute().values.ravel(), atol=1e-6)
-    np.testing.assert_allclose(got[:-3], single.compute().values.ravel(), atol=1e-13)
-    assert list(got[-3:]) == [60, 6, 6]
+    boot = single.bootstrap(n_boot=200, seed=3)
+    want = np.concatenate([single.compute().values.ravel(), boot["lower"].values.ravel(), boot["upper"].values.ravel()])
+    np.testing.assert_allclose(got[:-3], want, rtol=0, atol=1e-13)  # batches gathered in single-process order
+    assert list(got[-3:]) == [60, 10, 10]
 
 
 def test_package_functions_survive_submodule_imports() -> None:

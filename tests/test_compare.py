@@ -3,14 +3,23 @@ stored activations, and bad input."""
 
 from __future__ import annotations
 
+import os
+import socket
+import warnings
+
 import numpy as np
 import pytest
+import timm
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import xarray as xr
 from torch import nn
 
+import repsim
 from repsim.capture import extract
-from repsim.compare import cka_matrix, compare, compare_many
+from repsim.compare import Bootstrap, cka_matrix, compare, compare_many
+from repsim.files import save_netcdf
 
 
 def hsic1(k: np.ndarray, l: np.ndarray) -> float:
@@ -79,36 +88,39 @@ def test_minibatch_compare_equals_float64_reference(data) -> None:
     a, b = mlp(0), mlp(1, width=16)
     got = compare(a, b, data, layers_a=LAYERS, layers_b=["1", "4", "6"], progress=False)
     ref = minibatch_reference([layer_outputs(a, x, LAYERS) for x, _ in data], [layer_outputs(b, x, ["1", "4", "6"]) for x, _ in data])
-    assert got.dims == ("layer_a", "layer_b") and list(got.layer_b.values) == ["1", "4", "6"]
-    assert got.attrs["n_samples"] == 58 and got.attrs["n_batches"] == 3
-    np.testing.assert_allclose(got.values, ref, rtol=0, atol=1e-6)
+    assert isinstance(got, xr.Dataset) and got.cka.dims == ("layer_a", "layer_b")
+    assert list(got.layer_b.values) == ["1", "4", "6"] and list(got.data_vars) == ["cka"]
+    assert got.attrs["n_samples"] == 58 and got.attrs["n_batches"] == 3 and got.attrs["world_size"] == 1
+    assert got.cka.attrs == {}  # provenance lives on the Dataset only
+    np.testing.assert_allclose(got.cka.values, ref, rtol=0, atol=1e-6)
 
 
 def test_biased_estimator_equals_reference(data) -> None:
     a = mlp(2)
     got = compare(a, None, data, layers_a=LAYERS, estimator="biased", progress=False)
     outs = [layer_outputs(a, x, LAYERS) for x, _ in data]
-    np.testing.assert_allclose(got.values, minibatch_reference(outs, outs, hsic0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.cka.values, minibatch_reference(outs, outs, hsic0), rtol=0, atol=1e-6)
 
 
 def test_cross_matrix_is_off_diagonal_block_of_joint_matrix(data) -> None:
     a, b = mlp(3), mlp(4)
-    cross = compare(a, b, data, layers_a="*", progress=False)
-    joint = compare_many({"a": a, "b": b}, data, layers="*", progress=False)
+    cross = compare(a, b, data, layers_a="*", progress=False).cka
+    joint = compare_many({"a": a, "b": b}, data, layers="*", progress=False).cka
     assert joint.shape == (14, 14)
     block = joint.sel(layer_a=joint.model_a == "a", layer_b=joint.model_b == "b")
     np.testing.assert_allclose(block.values, cross.values, rtol=0, atol=1e-12)
     assert list(block.module_a.values) == list(cross.layer_a.values)
-    within = compare(a, None, data, layers_a="*", progress=False)
-    np.testing.assert_allclose(joint.sel(layer_a=joint.model_a == "a", layer_b=joint.model_b == "a").values, within.values, atol=1e-12)
+    within = compare(a, None, data, layers_a="*", progress=False).cka
+    np.testing.assert_allclose(joint.sel(layer_a=joint.model_a == "a", layer_b=joint.model_b == "a").values,
+                               within.values, atol=1e-12)
     np.testing.assert_allclose(np.diag(within.values), 1.0, atol=1e-12)
-    np.testing.assert_allclose(compare(a, a, data, layers_a="*", progress=False).values, within.values, atol=1e-12)
+    np.testing.assert_allclose(compare(a, a, data, layers_a="*", progress=False).cka.values, within.values, atol=1e-12)
 
 
 def test_same_model_different_layer_sets(data) -> None:
     a = mlp(5)
-    sub = compare(a, a, data, layers_a=["0", "2"], layers_b=["4", "6", "2"], progress=False)
-    full = compare(a, None, data, layers_a=LAYERS, progress=False)
+    sub = compare(a, a, data, layers_a=["0", "2"], layers_b=["4", "6", "2"], progress=False).cka
+    full = compare(a, None, data, layers_a=LAYERS, progress=False).cka
     assert list(sub.layer_b.values) == ["2", "4", "6"]  # model order
     np.testing.assert_allclose(sub.values, full.sel(layer_a=["0", "2"], layer_b=["2", "4", "6"]).values, atol=1e-12)
 
@@ -116,27 +128,109 @@ def test_same_model_different_layer_sets(data) -> None:
 def test_stored_activations_match_streaming(data, tmp_path) -> None:
     a, b = mlp(6), mlp(7)
     loader = data[:2]  # 2 x 20 samples: the same batches as cka_matrix(batch_size=20)
-    streamed = compare(a, b, loader, layers_a=LAYERS, progress=False)
+    streamed = compare(a, b, loader, layers_a=LAYERS, progress=False).cka
     ds_a = extract(a, loader, layers=LAYERS, progress=False)
     extract(b, loader, layers=LAYERS, store=tmp_path / "b.zarr", progress=False)
-    stored = cka_matrix(ds_a, tmp_path / "b.zarr", batch_size=20, progress=False)
+    stored = cka_matrix(ds_a, tmp_path / "b.zarr", batch_size=20, progress=False).cka
     np.testing.assert_allclose(stored.values, streamed.values, rtol=0, atol=1e-9)
     uneven = cka_matrix(ds_a, tmp_path / "b.zarr", batch_size=15, progress=False)  # 3 batches of 13-14 samples
     batches = (slice(0, 13), slice(13, 27), slice(27, 40))
     x = torch.cat([x for x, _ in loader])
     ref = minibatch_reference([layer_outputs(a, x[s], LAYERS) for s in batches], [layer_outputs(b, x[s], LAYERS) for s in batches])
     assert uneven.attrs["n_batches"] == 3
-    np.testing.assert_allclose(uneven.values, ref, rtol=0, atol=1e-6)
-    within = cka_matrix(ds_a, batch_size=40, progress=False)
+    np.testing.assert_allclose(uneven.cka.values, ref, rtol=0, atol=1e-6)
+    within = cka_matrix(ds_a, batch_size=40, progress=False).cka
     np.testing.assert_allclose(np.diag(within.values), 1.0, atol=1e-12)
 
 
-def test_keep_batches_gives_bootstrap_interval(data) -> None:
+def test_bootstrap_gives_interval_and_round_trips(data, tmp_path) -> None:
     a, b = mlp(8), mlp(9)
-    ds = compare(a, b, data, layers_a=LAYERS, keep_batches=True, n_boot=200, progress=False)
-    assert isinstance(ds, xr.Dataset) and set(ds.data_vars) == {"cka", "lower", "upper"}
+    many = [(x[i : i + 4], y[i : i + 4]) for x, y in data for i in range(0, 16, 4)]  # 12 batches of 4
+    ds = compare(a, b, many, layers_a=LAYERS, bootstrap=Bootstrap(n_boot=200, ci=0.9), labels=("A", "B"),
+                 progress=False)
+    assert set(ds.data_vars) == {"cka", "lower", "upper"} and ds.attrs["ci"] == 0.9 and ds.attrs["n_boot"] == 200
+    assert (ds.attrs["model_a"], ds.attrs["model_b"]) == ("A", "B")
     assert bool((ds.lower <= ds.cka + 1e-12).all() and (ds.cka <= ds.upper + 1e-12).all())
-    xr.testing.assert_allclose(ds.cka, compare(a, b, data, layers_a=LAYERS, progress=False))
+    xr.testing.assert_allclose(ds.cka, compare(a, b, many, layers_a=LAYERS, progress=False).cka)
+    save_netcdf(ds, tmp_path / "r.nc")
+    ds.to_netcdf(tmp_path / "plain.nc", engine="h5netcdf")
+    for path in (tmp_path / "r.nc", tmp_path / "plain.nc"):
+        back = repsim.load(path)
+        xr.testing.assert_identical(back, ds)
+    with pytest.warns(UserWarning, match="only 3 batches"):
+        compare(a, b, data, layers_a=LAYERS, bootstrap=50, progress=False)
+
+
+def test_default_layers_and_patterns_expanded_on_model_b() -> None:
+    """No layers: a Backbone's blocks, a timm model's feature taps; 'blocks.*' expands on each model separately."""
+    from repsim.compare import default_layers
+    from repsim.models import create
+
+    torch.manual_seed(0)
+    x = [(torch.randn(8, 3, 32, 32), torch.zeros(8)) for _ in range(2)]
+    deep = create("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+    shallow = create("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    ds = compare(deep, shallow, x, progress=False)
+    assert list(ds.layer_a.values) == deep.layer_names() and list(ds.layer_b.values) == shallow.layer_names()
+    ds = compare(deep, shallow, x, layers_a="model.blocks.*", progress=False)
+    assert ds.cka.shape == (3, 2)
+    assert default_layers(timm.create_model("resnet18", num_classes=0)) == ["act1", "layer1", "layer2", "layer3",
+                                                                          "layer4"]
+    with pytest.raises(ValueError, match="no layer_names"):
+        default_layers(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="model B: layer 'model.blocks.2' matches no module"):
+        compare(deep, shallow, x, layers_a=["model.blocks.2"], progress=False)
+
+
+def test_loader_normalisation_goes_into_attrs(data_root) -> None:
+    loader = repsim.data.loader(str(data_root / "medmnist" / "breastmnist.npz"), img_size=32, batch_size=16,
+                                n_samples=40)
+    assert [len(b) for b in loader.batch_sampler] == [20, 20]  # near-equal, none below batch_size
+    ds = compare(mlp_image(), None, loader, layers_a=["1"], progress=False)
+    assert ds.attrs["normalisation"] == "dataset statistics" and len(ds.attrs["input_mean"]) == 3
+    assert ds.attrs["split"] == "test" and ds.attrs["img_size"] == 32
+
+
+def mlp_image() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.ReLU())
+
+
+def _ddp_compare(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ds = compare(mlp(10), mlp(11), _ddp_loader(), layers_a=LAYERS, bootstrap=Bootstrap(300, seed=2),
+                     progress=False)
+        if rank == 0:
+            ds.to_netcdf(out, engine="h5netcdf")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_loader() -> torch.utils.data.DataLoader:
+    torch.manual_seed(5)
+    data = torch.utils.data.TensorDataset(torch.randn(130, 10) * 2 + 1, torch.zeros(130))
+    return torch.utils.data.DataLoader(data, batch_size=10)  # 13 batches: rank 0 takes 7, rank 1 takes 6
+
+
+def test_compare_under_two_gloo_processes_equals_one_process(tmp_path) -> None:
+    out = str(tmp_path / "ddp.nc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.spawn(_ddp_compare, args=(2, _free_port(), out), nprocs=2, join=True)
+    got = repsim.load(out)
+    want = compare(mlp(10), mlp(11), _ddp_loader(), layers_a=LAYERS, bootstrap=Bootstrap(300, seed=2), progress=False)
+    assert got.attrs["world_size"] == 2 and got.attrs["n_samples"] == want.attrs["n_samples"] == 130
+    assert got.attrs["n_batches"] == want.attrs["n_batches"] == 13
+    for var in ("cka", "lower", "upper"):
+        np.testing.assert_allclose(got[var].values, want[var].values, rtol=0, atol=1e-12)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ bad input (item 8)
@@ -145,6 +239,8 @@ def test_pattern_matching_nothing_lists_close_matches(data) -> None:
         compare(mlp(0), mlp(1), data, layers_a="blocks.*", progress=False)
     with pytest.raises(ValueError, match=r"'66' matches no module.*close matches: 6"):
         compare_many({"a": mlp(0)}, data, layers=["6", "66"], progress=False)
+    with pytest.raises(ValueError, match=r"layers has no entry for models \['b'\]"):
+        compare_many({"a": mlp(0), "b": mlp(1)}, data, layers={"a": "0"}, progress=False)
 
 
 def test_different_sample_counts_rejected(data) -> None:

@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 from matplotlib.figure import Figure
 
-from repsim.plot import heatmap, heatmap_grid, short_labels
+from repsim.plot import ReprFigure, diagonal, heatmap, heatmap_grid, short_labels
 
 
 def matrix(la: int = 4, lb: int = 3, model_a: str = "vit_a", model_b: str = "vit_b") -> xr.DataArray:
@@ -34,26 +34,54 @@ def test_heatmap_orientation_scale_labels_title() -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2", "3"]
     assert list(ax.get_yticks()) == [0.5, 1.5, 2.5, 3.5]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]  # layer 0 at the left
-    assert "vit_a vs vit_b" in ax.get_title() and "n=512" in ax.get_title()
+    assert "vit_a vs vit_b" in ax.get_title() and "n=512" in ax.get_title() and "(cells: CKA)" in ax.get_title()
+    assert [t.get_text() for t in ax.texts][:3] == ["0.00", "0.08", "0.17"]  # cells show CKA, not CI widths
     assert ax.get_ylabel() == "vit_a layer" and ax.get_xlabel() == "vit_b layer"
     assert cbar.get_ylabel() == "CKA"
 
 
-def test_heatmap_annotates_ci_width() -> None:
+def test_heatmap_cells_show_cka_with_half_ci() -> None:
     cka = matrix(3, 3)
-    ds = xr.Dataset({"cka": cka, "lower": cka - 0.05, "upper": cka + 0.1}, attrs=cka.attrs)
-    fig = heatmap(ds, annotate_ci=True, vmin=-1.0, title="custom")
+    ds = xr.Dataset({"cka": cka, "lower": cka - 0.04, "upper": cka + 0.1}, attrs=cka.attrs)
+    fig = heatmap(ds, annotate="ci", vmin=-1.0, title="custom")
     ax = fig.axes[0]
-    texts = [t.get_text() for t in ax.texts]
-    assert texts == ["0.15"] * 9
-    assert ax.collections[0].get_clim() == (-1.0, 1.0) and ax.get_title() == "custom"
-    with pytest.raises(ValueError, match="annotate_ci needs"):
-        heatmap(cka, annotate_ci=True)
+    assert [t.get_text() for t in ax.texts][:2] == ["0.00\n±0.07", "0.11\n±0.07"]
+    assert ax.collections[0].get_clim() == (-1.0, 1.0)
+    assert ax.get_title() == "custom\n(cells: CKA ± half the 95% CI)"
+    assert not heatmap(ds, annotate="none").axes[0].texts
+    with pytest.raises(ValueError, match="annotate='ci' needs"):
+        heatmap(cka, annotate="ci")
+    with pytest.raises(ValueError, match="annotate must be one of"):
+        heatmap(cka, annotate="widths")
+
+
+def test_figures_render_inline_and_titles_fit() -> None:
+    fig = heatmap(matrix(2, 2, model_a="a_very_long_model_name_" * 3, model_b="b"))
+    assert isinstance(fig, ReprFigure) and fig._repr_png_()[:4] == b"\x89PNG"
+    fig.canvas.draw()
+    title = fig.axes[0].title.get_window_extent()
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width  # wrapped to the figure, never clipped
+    labelled = matrix(2, 2).assign_attrs(axis_a="backbone (last block)", axis_b="backbone (last block)")
+    ax = heatmap(labelled).axes[0]
+    assert ax.get_ylabel() == ax.get_xlabel() == "backbone (last block)"
+
+
+def test_diagonal_plot_with_bands_and_null() -> None:
+    eye = xr.DataArray(np.diag([0.9, 0.8, 0.5]) + 0.01, dims=("layer_a", "layer_b"),
+                       coords={"layer_a": list("abc"), "layer_b": list("abc")})
+    one = xr.Dataset({"cka": eye, "lower": eye - 0.05, "upper": eye + 0.05})
+    seeds = [xr.Dataset({"cka": eye + d}) for d in (-0.02, 0.0, 0.02)]
+    fig = diagonal({"pretrained": one, "scratch": seeds}, null=[xr.Dataset({"cka": eye * 0.5})])
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["null reference (1 pair, min–max)", "pretrained (95% CI)", "scratch (mean of 3, min–max)"]
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), [0.91, 0.81, 0.51])
+    np.testing.assert_allclose(ax.lines[2].get_ydata(), [0.91, 0.81, 0.51])
 
 
 def test_grid_has_one_shared_colourbar() -> None:
     fig = heatmap_grid([matrix(), matrix(5, 5), matrix(2, 2)], titles=["a", "b", "c"], ncols=2)
-    panels = [ax for ax in fig.axes if ax.get_title() in ("a", "b", "c")]
+    panels = [ax for ax in fig.axes if ax.get_title().split("\n")[0] in ("a", "b", "c")]
     assert len(panels) == 3
     colourbars = [ax for ax in fig.axes if ax.get_ylabel() == "CKA"]
     assert len(colourbars) == 1

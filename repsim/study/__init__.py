@@ -9,29 +9,42 @@ a null reference (Fig 7), the stacked classifier before vs after (Fig A.1), last
 paired differences between starts with 95% CIs and flags for runs that did not train.
 
 ``run_study("natural", out, data_root=...)`` runs a preset (``PRESETS``); ``Study(settings, out).run()`` any
-``Settings``. Re-running resumes: finished runs and CKA files are reused.
+``Settings``. Re-running resumes: finished runs and CKA files are reused. Modules: ``settings`` (what runs),
+``scheduler`` (runs in worker processes by dependency), ``pipeline`` (the plan and the stages), ``similarity``
+(CKA), ``stats``, ``outputs`` and ``figures``, ``demo`` (``repsim demo``).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import importlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from repsim.study.pipeline import Study, resolved_config
-from repsim.study.settings import DATASETS, PAPER_LR_GRID, PRESETS, SYNTHETIC, Settings, Start
-from repsim.study.similarity import diagonal
+from repsim.study.settings import PAPER_LR_GRID, PRESETS, SYNTHETIC, Settings, Start, settings_with
 
-__all__ = ["DATASETS", "PAPER_LR_GRID", "PRESETS", "SYNTHETIC", "Settings", "Start", "Study", "diagonal", "run_study",
-           "resolved_config"]
+_LAZY = {"Study": "repsim.study.pipeline", "resolved_config": "repsim.study.pipeline",
+         "diagonal": "repsim.study.similarity", "run_demo": "repsim.study.demo"}
+
+__all__ = ["PAPER_LR_GRID", "PRESETS", "SYNTHETIC", "Settings", "Start", "run_study", "settings_with", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'repsim.study' has no attribute {name!r}")
 
 
 def run_study(settings: Settings | str, out: str | Path, *, data_root: str | Path | None = None, jobs: int = 1,
-              threads: int | None = None, device: str = "auto", **overrides: Any) -> dict[str, Any]:
-    """Run the study of ``settings`` (or of the preset of that name, with ``overrides`` of its fields) in ``out``."""
+              threads: int | None = None, device: str = "auto",
+              overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
+    """Run (or resume) the study of ``settings`` or of the preset of that name, with ``overrides`` of its fields
+    (``"train.epochs=3"`` strings or a ``{key: value}`` mapping), in ``out``; return its summary."""
+    from repsim.study.pipeline import Study
+
     if isinstance(settings, str):
         if settings not in PRESETS:
             raise ValueError(f"unknown preset {settings!r}; known: {', '.join(PRESETS)}")
         settings = PRESETS[settings]
-    return Study(replace(settings, **overrides), out, data_root=data_root, jobs=jobs, threads=threads,
+    return Study(settings_with(settings, overrides), out, data_root=data_root, jobs=jobs, threads=threads,
                  device=device).run()

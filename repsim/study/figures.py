@@ -138,6 +138,8 @@ def diagonal_groups(mats: Mapping[str, xr.Dataset]) -> dict[str, tuple[list[floa
         elif key.startswith("null/"):
             groups.setdefault("null", []).append(diagonal(ds)["cka"])
     for name, rows in groups.items():
+        if name != "null" and len(rows) < 2:
+            continue  # one seed: its row with the bootstrap CI says it all
         a = np.array(rows)
         label = (f"null: scratch vs scratch, {len(rows)} pairs [min, max]" if name == "null"
                  else f"{name}, mean of {len(rows)} seeds [min, max]")

@@ -92,6 +92,7 @@ class Study:
         self.jobs, self.device = jobs, device
         self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         self.timings: dict[str, float] = {}
+        self.cka_results: dict[str, dict[str, Any]] = {}
         probe = self.backbone()
         self.depth = probe.num_blocks
         self.norm = (list(probe.input_mean), list(probe.input_std)) if settings.normalise == "model" else None
@@ -223,8 +224,8 @@ class Study:
         try:
             results = self._timed("train", Scheduler(pool, self.data_root).run, self.plan(), "study runs")
             pool.close()
-            cka = self._timed("cka", study_cka, self, results)
-            return self._timed("outputs", write_outputs, self, results, cka)
+            self.cka_results = self._timed("cka", study_cka, self, results)
+            return self._timed("outputs", write_outputs, self, results, self.cka_results)
         finally:
             pool.close()
             torch.set_num_threads(saved_threads)

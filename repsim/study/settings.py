@@ -3,22 +3,17 @@ named presets (``natural``, ``full``, ``demo``, ``paper``, ``tiny``)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from repsim.data.named import NAMED
 from repsim.types import SCENARIOS
 
-# Data blocks of the datasets a study can use by name (roots are relative to the data root).
-DATASETS: dict[str, dict[str, Any]] = {
-    "pneumoniamnist": {"dataset": "medmnist", "root": "medmnist", "flag": "pneumoniamnist"},
-    "retinamnist": {"dataset": "medmnist", "root": "medmnist", "flag": "retinamnist"},
-    "breastmnist": {"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist"},
-    "aptos2019": {"dataset": "aptos2019", "root": "APTOS2019"},
-    "cbis_ddsm": {"dataset": "cbis_ddsm", "root": "CBIS-DDSM"},
-    "isic2019": {"dataset": "isic2019", "root": "ISIC2019"},
-    "chexpert": {"dataset": "chexpert", "root": "CheXpert"},
-}
+DATASETS = NAMED  # datasets a study can use by name (trainer data blocks, roots relative to the data root)
 # Built-in synthetic tasks (repsim.data.synthetic), written once as image folders under <out>/data (random
 # 80/10/10 split): the source has six texture classes, the target four of them drawn with another seed.
 SYNTHETIC: dict[str, dict[str, int]] = {
@@ -193,12 +188,6 @@ PRESETS: dict[str, Settings] = {
         cka_seeds=5, cka_batch_size=32),
     # the earlier offline study: a small ViT pretrained on PneumoniaMNIST vs from scratch (about half an hour)
     "full": Settings(),
-    # `repsim demo` (see repsim.study.demo): one target, no LR search, one seed, short curves
-    "demo": Settings(
-        targets=("retinamnist",), scenarios=("frozen-linear", "unfrozen-linear", "unfrozen-stacked"),
-        pretrain={**Settings().pretrain, "epochs": 3},
-        train={**Settings().train, "epochs": 4, "lr_grid": None, "lr": 5.0e-4, "seeds": 1},
-        freeze_blocks=[0, 3, 6], decapitate=[], n_boot=200),
     # the paper's study on a GPU: real foundation weights (give model=...), the four paper datasets, the DeiT-B
     # classifier with ImageNet weights, 100 epochs, 5 seeds, both stacked scenarios decapitated
     "paper": Settings(
@@ -218,3 +207,30 @@ PRESETS: dict[str, Settings] = {
         frozen_train={"epochs": 3}, decapitation_starts=("in-domain", "scratch"), curve_seeds=2, cka_seeds=2,
         knn={"k": 10, "temperature": 0.1, "batch_size": 64}, cka_batch_size=8, n_boot=20),
 }
+
+
+def settings_with(settings: Settings, overrides: Sequence[str] | Mapping[str, Any]) -> Settings:
+    """``settings`` with ``overrides`` applied: ``"field=value"`` strings (values parsed as YAML) or a mapping;
+    dotted keys (``train.epochs``) update a dict field; lists become tuples where the field is a tuple."""
+    from repsim.train.config import parse_overrides, set_dotted
+
+    parsed = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    changes: dict[str, Any] = {}
+    for key, value in parsed.items():
+        top, _, rest = key.partition(".")
+        if top not in fields:
+            raise ValueError(f"unknown study setting {top!r}; settings: {', '.join(fields)}")
+        if top == "starts":
+            raise ValueError("starts cannot be overridden as key=value; build Settings(starts=...) in Python")
+        current = changes.get(top, getattr(settings, top))
+        if rest:
+            if not isinstance(current, dict):
+                raise ValueError(f"{top} is not a mapping, so {key!r} cannot set a key inside it")
+            current = copy.deepcopy(current)
+            set_dotted(current, rest, value)
+            value = current
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        changes[top] = value
+    return dataclasses.replace(settings, **changes)

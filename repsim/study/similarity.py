@@ -71,7 +71,7 @@ def study_cka(study: Study, results: Mapping[str, dict[str, Any]]) -> dict[str, 
     """``{target: {name: Dataset}}``; names ``fig7/<start>/seed<k>``, ``null/seed<i>-<j>``,
     ``figA1/<start>/<scenario>`` and ``fig8``."""
     from repsim.compare import Bootstrap, compare, compare_many
-    from repsim.data import prepare
+    from repsim.data import near_equal_batches, prepare
     from repsim.train.utils import pick_device
 
     s = study.settings
@@ -84,7 +84,8 @@ def study_cka(study: Study, results: Mapping[str, dict[str, Any]]) -> dict[str, 
         folder = study.out / "cka" / t
         test = prepare(study.data_block(t), study.data_root).datasets["test"]
         # at least 10 batches for the bootstrap over batches (and at least 4 samples per batch)
-        loader = torch.utils.data.DataLoader(test, batch_size=min(s.cka_batch_size, max(4, len(test) // 10)))
+        size = min(s.cka_batch_size, max(4, len(test) // 10))
+        loader = torch.utils.data.DataLoader(test, batch_sampler=near_equal_batches(len(test), size))
 
         def runs(start: str, scenario: str) -> list[Path]:
             key = f"finetune/{start}/{t}/{scenario}"

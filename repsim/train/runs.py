@@ -78,3 +78,19 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
         state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_torch(init)}
     model.load_state_dict(state)
     return model.eval()
+
+
+def load_backbone(model: str | Path, *, which: Literal["init", "best"] = "best", pretrained: bool = False,
+                  checkpoint: str | Path | None = None, img_size: int | None = None) -> nn.Module:
+    """A backbone by name (zoo or timm; ``pretrained``/``checkpoint`` as ``repsim.models.create``) or from a trainer
+    run folder (its ``which`` weights, at the run's size), in eval mode."""
+    from repsim import models
+
+    if is_run(model):
+        if pretrained or checkpoint is not None:
+            raise ValueError(f"{model} is a run folder: its weights come from the run, not pretrained/checkpoint")
+        return load_run(model, which)
+    if Path(model).exists():
+        raise FileNotFoundError(f"{model} is a folder but not a finished trainer run (needs model.json, "
+                                "backbone_init.pt and backbone_best.pt)")
+    return models.create(str(model), pretrained=pretrained, checkpoint=checkpoint, img_size=img_size or 224).eval()

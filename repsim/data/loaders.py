@@ -1,0 +1,110 @@
+"""``loader``: a DataLoader of evaluation images for CKA from a name, a file or a folder, in one call.
+
+CKA needs the same samples, in the same order, for every model: the loader never shuffles, uses the eval transform
+(resize -> centre crop -> normalise), and splits the samples into near-equal contiguous batches (so no batch is too
+small for the unbiased estimator: each holds at least ``batch_size`` samples). Its ``normalisation`` attribute says which mean/std were used; ``repsim.compare``
+copies it into the result's attrs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from repsim.data.datasets import IMAGE_EXTS, DatasetInfo, ImageDataset, Source, with_channels
+from repsim.data.transforms import build_transform
+
+Normalise = str | tuple[Sequence[float], Sequence[float]] | Any
+
+
+def near_equal_batches(n: int, batch_size: int) -> list[list[int]]:
+    """``max(1, n // batch_size)`` contiguous batches of near-equal size covering ``0..n-1``: none is smaller than
+    ``batch_size`` (unless ``n`` is), so no short last batch falls below the unbiased estimator's 4 samples."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"need at least one sample and a positive batch size, got n={n}, batch_size={batch_size}")
+    bounds = np.linspace(0, n, max(1, n // batch_size) + 1).round().astype(int)
+    return [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _flat_folder(root: Path) -> Source:
+    """Images directly inside ``root`` (no class folders): unlabelled samples (target 0)."""
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    info = DatasetInfo(root.name, "multiclass", ["unlabelled"], 3, "accuracy")
+    return Source(files, np.zeros(len(files), np.int64), [p.name for p in files], info)
+
+
+def _source(data: str, root: str | Path | None, split: str) -> tuple[Source, list[int]]:
+    """The samples of ``data`` and the indices of ``split`` (all samples where the data has no split)."""
+    from repsim.data.datasets import load_source
+    from repsim.data.named import NAMED
+    from repsim.data.datasets import image_folder, medmnist
+
+    path = Path(data).expanduser()
+    if data in NAMED:
+        block = NAMED[data]
+        base = Path(root) if root is not None else None
+        folder = Path(block["root"]) if base is None else base / block["root"]
+        kwargs = {k: v for k, v in block.items() if k not in ("dataset", "root")}
+        source = load_source(block["dataset"], folder, **kwargs)
+    elif path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        source = medmnist(path.parent, path.stem)
+    elif path.is_dir():
+        has_classes = any(p.is_dir() for p in path.iterdir())
+        source = image_folder(path) if has_classes else _flat_folder(path)
+    else:
+        raise ValueError(f"data {data!r} is neither a known dataset ({', '.join(sorted(NAMED))}), 'synthetic', a "
+                         ".npz file with MedMNIST keys nor an image folder")
+    if source.official is not None:
+        if split not in source.official:
+            raise ValueError(f"{data} has no {split!r} split; it has {sorted(source.official)}")
+        return source, [int(i) for i in source.official[split]]
+    return source, list(range(len(source)))
+
+
+def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | Path | None = None,
+           batch_size: int = 64, n_samples: int | None = None, normalise: Normalise = "dataset",
+           num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """Evaluation images for CKA as a DataLoader of ``(x, y)`` batches of 3-channel ``img_size`` images.
+
+    Args:
+        data: ``"synthetic"`` (repsim's built-in textures), a dataset name (``"retinamnist"``, ... read from
+            ``root``), a ``.npz`` file with MedMNIST keys, or an image folder (class sub-folders or flat).
+        split: the split of data that has one (MedMNIST: train, val, test); folders are used whole.
+        n_samples: the first ``n_samples`` of the split.
+        normalise: ``"dataset"`` (the data's own mean/std: the paper's per-dataset normalisation), a model
+            (its ``input_mean``/``input_std``: what pretrained weights expect) or a ``(mean, std)`` pair.
+    """
+    from repsim.data.synthetic import SyntheticPatterns
+
+    if data == "synthetic":
+        dataset: Dataset = SyntheticPatterns(n_samples or 512, img_size=img_size, split=split, seed=seed)
+        norm = {"normalisation": "synthetic data: drawn with about zero mean and unit variance"}
+    else:
+        source, indices = _source(data, root, split)
+        info = with_channels(source.info, 3)
+        if isinstance(normalise, str):
+            if normalise != "dataset":
+                raise ValueError(f"normalise must be 'dataset', a model or a (mean, std) pair, got {normalise!r}")
+            mean, std, what = info.mean or (0.5,) * 3, info.std or (0.25,) * 3, "dataset statistics"
+        elif isinstance(normalise, tuple):
+            (mean, std), what = normalise, "given"
+        else:
+            mean, std = normalise.input_mean, normalise.input_std
+            what = f"{getattr(normalise, 'name', type(normalise).__name__)} input normalisation"
+        transform = build_transform(img_size, mean, std, train=False)
+        dataset = ImageDataset(source, indices, transform, channels=3)
+        norm = {"normalisation": what, "input_mean": [float(v) for v in mean], "input_std": [float(v) for v in std]}
+        if n_samples is not None:
+            if n_samples > len(indices):
+                raise ValueError(f"n_samples={n_samples} exceeds the {len(indices)} samples of {data} ({split})")
+            dataset = Subset(dataset, range(n_samples))
+    batches = near_equal_batches(len(dataset), batch_size)  # type: ignore[arg-type]
+    out = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    out.normalisation = {**norm, "data": str(data), "split": split, "img_size": img_size}  # type: ignore[attr-defined]
+    return out
