@@ -54,13 +54,17 @@ def compare_models(model_a: str | Path, model_b: str | Path | None, data: str, o
     names = [f"{Path(m).name} ({w})" if is_run(m) else Path(str(m)).name for m, w, _ in specs]
     if len(specs) == 2 and names[0] == names[1] and specs[0][1:] != specs[1][1:]:
         names = [f"{n} [{c or 'random init'}]" for n, (_, _, c) in zip(names, specs)]
+    channels = {int(getattr(b, "in_chans", 3)) for b in backbones}
+    if len(channels) > 1:
+        raise ValueError(f"the models read images of {sorted(channels)} channels; CKA needs one input for both")
     norm: Any = "dataset"
     if is_run(model_a) and _run_normalisation(Path(model_a)):
         norm = tuple(_run_normalisation(Path(model_a)))  # type: ignore[arg-type]
     elif pretrained:
         norm = backbones[0]
     data_loader = loader(data, split=split, img_size=img_size, root=data_root or default_root(),
-                         batch_size=batch_size, n_samples=n_samples, normalise=norm, num_workers=num_workers)
+                         batch_size=batch_size, n_samples=n_samples, normalise=norm, channels=channels.pop(),
+                         num_workers=num_workers)
     result = compare(backbones[0], backbones[1] if len(backbones) > 1 else None, data_loader, layers_a=layers_a,
                      layers_b=layers_b, labels=labels or (names[0], names[-1]), pool=pool, device=device,
                      estimator=estimator, bootstrap=bootstrap, progress=rank == 0)

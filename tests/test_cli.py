@@ -1,19 +1,48 @@
-"""The ``repsim cka``, ``repsim heatmap`` and ``repsim demo`` sub-commands, end to end on small inputs."""
+"""The ``repsim`` command line, run as a user runs it (a subprocess for the entry points, ``main`` in process for the
+rest): help, one-line errors, cka over models and run folders, heatmap, demo."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import xarray as xr
 
+import repsim
 from repsim.cli import main
 from repsim.data.synthetic import SyntheticPatterns
 from repsim.models import create
 
 VIT = ["--model-a", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "16"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "repsim", *args], capture_output=True, text=True, env=ENV,
+                          timeout=600)
+
+
+def test_help_is_fast_and_describes_every_command() -> None:
+    start = time.perf_counter()
+    out = _run("--help")
+    assert out.returncode == 0 and time.perf_counter() - start < 5  # < 1 s on a quiet machine (no torch import)
+    for command in ("models", "cka", "heatmap", "demo", "study", "train", "knn", "table", "report"):
+        assert command in out.stdout
+    cka_help = _run("cka", "--help").stdout
+    assert "(default: 64)" in cka_help and "--run-a" in cka_help and "--pretrained" in cka_help
+
+
+def test_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
+    out = _run("cka", *VIT, "--layers", "blocks.0.atn", "--n-samples", "16", "--out", str(tmp_path))
+    assert out.returncode == 2 and not (tmp_path / "cka.nc").exists()
+    assert out.stderr.strip().count("\n") == 0 and "close matches" in out.stderr and "Traceback" not in out.stderr
+    debug = _run("--debug", "heatmap", str(tmp_path / "missing.nc"))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "missing.nc does not exist" in debug.stderr
 
 
 def test_cka_with_checkpoint_then_heatmap(tmp_path: Path) -> None:
@@ -21,41 +50,66 @@ def test_cka_with_checkpoint_then_heatmap(tmp_path: Path) -> None:
     ckpt = tmp_path / "a.pt"
     torch.save(create("vit_tiny_patch16_224", img_size=32).state_dict(), ckpt)
     out = tmp_path / "out"
-    args = [*VIT, "--model-b", "vit_tiny_patch16_224", "--checkpoint-b", str(ckpt), "--layers", "blocks.*", "--n-samples", "48"]
+    args = [*VIT, "--model-b", "vit_tiny_patch16_224", "--checkpoint-b", str(ckpt), "--layers", "blocks.*",
+            "--n-samples", "48"]
     assert main(["cka", *args, "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["cka.nc", "cka.png"]
-    with xr.open_dataset(out / "cka.nc", engine="h5netcdf") as ds:
-        cka = ds["cka"].load()
-    assert cka.shape == (12, 12) and cka.attrs["n_samples"] == 48 and cka.attrs["checkpoint_b"] == str(ckpt)
-    np.testing.assert_allclose(np.diag(cka.values), 1.0, atol=1e-6)  # same weights
+    ds = repsim.load(out / "cka.nc")
+    assert ds.cka.shape == (12, 12) and ds.attrs["n_samples"] == 48 and str(ckpt) in ds.attrs["sources"]
+    assert ds.attrs["model_a"] != ds.attrs["model_b"]  # same architecture, other weights: labels tell them apart
+    np.testing.assert_allclose(np.diag(ds.cka.values), 1.0, atol=1e-6)  # same weights
     assert main(["heatmap", str(out / "cka.nc"), "--out", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").stat().st_size > 1000
 
 
+def test_cka_between_architectures_expands_patterns_on_each(tmp_path: Path) -> None:
+    args = ["--model-a", "vit_tiny_patch16_224", "--model-b", "test_vit", "--img-size", "32", "--layers", "blocks.*",
+            "--n-samples", "32", "--batch-size", "8", "--out", str(tmp_path)]
+    assert main(["cka", *args]) == 0
+    ds = repsim.load(tmp_path / "cka.nc")
+    assert ds.cka.shape[0] == 12 and ds.cka.shape[1] == len(create("test_vit", img_size=32).layer_names())
+
+
 def test_cka_on_real_medmnist_with_bootstrap(tmp_path: Path, data_root: Path) -> None:
     npz = data_root / "medmnist" / "breastmnist.npz"  # grayscale, fed as 3 channels
-    args = [*VIT, "--data", str(npz), "--n-samples", "48", "--pool", "cls", "--boot", "50", "--layers", "blocks.0", "blocks.5", "blocks.11"]
+    args = [*VIT, "--data", str(npz), "--n-samples", "80", "--batch-size", "8", "--pool", "cls", "--boot", "50",
+            "--layers", "blocks.0", "blocks.5", "blocks.11", "--labels", "first", "second"]
     assert main(["cka", *args, "--out", str(tmp_path)]) == 0
-    with xr.open_dataset(tmp_path / "cka.nc", engine="h5netcdf") as ds:
-        assert set(ds.data_vars) == {"cka", "lower", "upper"} and ds.attrs["data"] == str(npz)
-        assert np.isfinite(ds["cka"].values).all() and np.allclose(np.diag(ds["cka"].values), 1.0)
+    ds = repsim.load(tmp_path / "cka.nc")
+    assert set(ds.data_vars) == {"cka", "lower", "upper"} and ds.attrs["data"] == str(npz)
+    assert (ds.attrs["model_a"], ds.attrs["model_b"]) == ("first", "second")  # the labels given win
+    assert np.isfinite(ds["cka"].values).all() and np.allclose(np.diag(ds["cka"].values), 1.0)
 
 
-def test_cka_rejects_unknown_layer(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="close matches"):
-        main(["cka", *VIT, "--layers", "blocks.0.atn", "--n-samples", "16", "--out", str(tmp_path)])
-    assert not (tmp_path / "cka.nc").exists()
+def test_cka_compares_a_run_before_and_after(tmp_path: Path, data_root: Path) -> None:
+    """A folder written by `repsim train` loads by name: its architecture comes from model.json."""
+    run = tmp_path / "runs"
+    assert main(["train", "--spec", "breastmnist_tiny", "--data-root", str(data_root), "--out", str(run),
+                 "train.epochs=1", "train.seeds=1", "train.lr_grid=null"]) == 0
+    (folder,) = {p.parent for p in run.rglob("summary.json")}
+    out = tmp_path / "cka"
+    assert main(["cka", "--run-a", str(folder), "--which-a", "init", "--run-b", str(folder), "--data", "breastmnist",
+                 "--data-root", str(data_root), "--n-samples", "64", "--batch-size", "16", "--out", str(out)]) == 0
+    ds = repsim.load(out / "cka.nc")
+    assert ds.attrs["model_a"].endswith("(init)") and ds.attrs["model_b"].endswith("(best)")
+    assert ds.cka.shape[0] == ds.cka.shape[1] >= 2
+
+
+def test_python_dash_m_and_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0" in out and "segment-anything" in out
 
 
 def test_demo_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The reduced transfer study on small synthetic tasks: before/after CKA of the 6 blocks with bootstrap CIs."""
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--n-samples", "200", "--jobs", "1"]) == 0
-    with xr.open_dataset(tmp_path / "cka.nc", engine="h5netcdf") as ds:
-        ds = ds.load()
-    assert ds["cka"].shape == (6, 6) and bool((ds["lower"] <= ds["upper"]).all())
+    """The reduced transfer study on small synthetic tasks: Lite0 before/after CKA with bootstrap CIs."""
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--n-samples", "400", "--jobs", "1"]) == 0
+    ds = repsim.load(tmp_path / "cka.nc")
+    assert ds["cka"].shape == (7, 7) and bool((ds["lower"] <= ds["upper"]).all())
     assert (tmp_path / "cka.png").stat().st_size > 1000
     assert (tmp_path / "tables.md").exists() and (tmp_path / "study.json").exists()
-    assert "synthetic" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "synthetic" in out and "start: imagenet" in out  # the [imagenet] extra is installed with [test]
 
 
 def test_demo_help_says_data_is_synthetic(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,10 +1,9 @@
-"""The transfer study (repsim.study, analyses/transfer_study.py) end to end on a few dozen real MedMNIST images."""
+"""The transfer study (repsim.study, `repsim study`) end to end on a few dozen real MedMNIST images, its scheduler,
+statistics and settings."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +12,14 @@ import pytest
 import torch
 import yaml
 
-from repsim.study import PRESETS, Study, rebuild, resolved_config, run_dirs
+from repsim.cli import main
+from repsim.study import PRESETS, Start, Study, resolved_config, settings_with
+from repsim.study.scheduler import Experiment, Pool, Scheduler
+from repsim.study.stats import paired_difference, run_flags
+from repsim.train.runs import find_runs, load_run
 
 REPO = Path(__file__).resolve().parents[1]
+SIZES = {"train": 40, "val": 20, "test": 48}  # 48 test images: 12 CKA batches of 4 (>= 10 for the bootstrap)
 
 
 def _subset_npz(src: Path, dst: Path, sizes: dict[str, int]) -> None:
@@ -35,109 +39,167 @@ def tiny_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     root = tmp_path_factory.mktemp("tinydata")
     (root / "medmnist").mkdir()
     for flag in ("pneumoniamnist", "breastmnist"):
-        _subset_npz(data_root / "medmnist" / f"{flag}.npz", root / "medmnist" / f"{flag}.npz",
-                    {"train": 40, "val": 20, "test": 24})
+        _subset_npz(data_root / "medmnist" / f"{flag}.npz", root / "medmnist" / f"{flag}.npz", SIZES)
     return root
 
 
 @pytest.fixture(scope="module")
 def study_dir(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny preset through the command-line script (one target, every stage)."""
-    spec = importlib.util.spec_from_file_location("transfer_study", REPO / "analyses" / "transfer_study.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    """The tiny preset through `repsim study` (one target, every stage, two starts)."""
     out = tmp_path_factory.mktemp("study")
-    assert cli.main(["--preset", "tiny", "--data-root", str(tiny_root), "--out", str(out), "--targets", "breastmnist",
-                     "--threads", "1"]) == 0
+    assert main(["study", "--preset", "tiny", "--data-root", str(tiny_root), "--out", str(out), "--jobs", "1",
+                 "--threads", "1", "targets=[breastmnist]"]) == 0
     return out
 
 
 def test_every_stage_writes_its_results(study_dir: Path) -> None:
     summary = json.loads((study_dir / "study.json").read_text())
-    assert set(summary["timings_s"]) == {"pretrain", "finetune", "knn", "curves", "cka"}
-    ft = summary["finetune"]["breastmnist"]
-    assert set(ft) == {"frozen-linear", "frozen-stacked", "unfrozen-linear", "unfrozen-stacked", "scratch"}
-    for res in ft.values():
-        assert res["lr"] in (1e-3, 1e-4) and set(res["lr_search"]) == {"0.001", "0.0001"}
-        assert len(res["test"]["auc"]["values"]) == 2  # two seeds at the chosen LR
-    assert set(summary["knn"]["breastmnist"]) == {"start", "random"}
-    # depth-2 backbone: freezing 0..2 and decapitation 1..2; the end points reuse the full fine-tuning runs
-    assert set(summary["curves"]["freezing"]["breastmnist"]["unfrozen-linear"]) == {f"freeze_blocks{k}" for k in range(3)}
-    assert set(summary["curves"]["decapitation"]["breastmnist"]["frozen-stacked"]) == {"decapitate1", "decapitate2"}
-    assert not (study_dir / "freezing" / "breastmnist" / "freeze_blocks0").exists()
-    full = ft["unfrozen-linear"]["test"]["auc"]["values"][0]
-    assert summary["curves"]["freezing"]["breastmnist"]["unfrozen-linear"]["freeze_blocks0"]["test"]["auc"]["values"] == [full]
-    # the pretraining run is the start of every pretrained fine-tuning run
-    start = summary["start"]["checkpoint"]
-    assert start.endswith("backbone_best.pt") and "pretrain" in start
-    cfg = yaml.safe_load((run_dirs(study_dir / "finetune" / "breastmnist" / "frozen-linear")[0] / "config.yaml").read_text())
-    assert cfg["model"]["checkpoint"] == start and cfg["data"]["channels"] == 3
+    assert set(summary["timings_s"]) == {"train", "cka"}  # written during the outputs stage
+    scenarios = ["frozen-linear", "frozen-stacked", "unfrozen-linear", "unfrozen-stacked"]
+    for start in ("in-domain", "scratch"):
+        ft = summary["finetune"][start]["breastmnist"]
+        assert list(ft) == scenarios  # settings order
+        for res in ft.values():
+            assert res["lr"] in (1e-3, 1e-4) and set(res["lr_search"]) == {"0.001", "0.0001"}
+            assert len(res["test"]["auc"]["values"]) == 2  # two seeds at the chosen LR
+        assert set(summary["knn"][start]) == {"breastmnist"}
+    # depth-2 backbone: freezing 0..2 (in-domain) and decapitation 1..2 (both starts); end points reuse full runs
+    assert set(summary["curves"]["freezing"]["in-domain"]["breastmnist"]["unfrozen-linear"]) == {
+        f"freeze_blocks{k}" for k in range(3)}
+    assert set(summary["curves"]["decapitation"]["scratch"]["breastmnist"]["frozen-stacked"]) == {
+        "decapitate1", "decapitate2"}
+    assert not (study_dir / "freezing" / "in-domain" / "breastmnist" / "freeze_blocks0").exists()
+    full = summary["finetune"]["in-domain"]["breastmnist"]["unfrozen-linear"]["test"]["auc"]["values"]
+    point = summary["curves"]["freezing"]["in-domain"]["breastmnist"]["unfrozen-linear"]["freeze_blocks0"]
+    assert point["test"]["auc"]["values"] == full
+    # paired differences: in-domain minus scratch for every scenario, with a verdict
+    assert {(p["scenario"], p["a"], p["b"]) for p in summary["paired"]} == {(s, "in-domain", "scratch")
+                                                                            for s in scenarios}
+    assert all(p["verdict"] in ("helps", "hurts", "no evidence") for p in summary["paired"])
+    # the pretraining run is the start of every in-domain run; frozen runs trained on cached outputs
+    (run,) = find_runs(study_dir / "pretrain" / "pneumoniamnist")
+    cfg = yaml.safe_load((find_runs(study_dir / "finetune" / "in-domain" / "breastmnist" / "frozen-linear")[0]
+                          / "config.yaml").read_text())
+    assert cfg["model"]["checkpoint"] == str(run / "backbone_best.pt") and cfg["train"]["cache_frozen"]
+    assert cfg["train"]["epochs"] == 3  # frozen_train overrides train for the frozen scenarios
     tables = (study_dir / "tables.md").read_text()
-    for heading in ("Table 1", "Table 2", "LR search", "k-NN", "Fig 4", "Fig 5", "(from scratch)"):
+    for heading in ("Paired differences", "LR search", "k-NN", "Fig 4", "Fig 5", "Fig 7", "Flagged runs"):
         assert heading in tables
     for name in summary["figures"].values():
         assert (study_dir / name).stat().st_size > 5000
 
 
-def test_cka_results_have_bootstrap_intervals(study_dir: Path) -> None:
+def test_cka_results_have_bootstrap_intervals_and_a_null_reference(study_dir: Path) -> None:
     cka = json.loads((study_dir / "study.json").read_text())["cka"]["breastmnist"]
-    fig7 = cka["fig7/unfrozen-linear"]
+    fig7 = cka["fig7/in-domain/seed0"]
     assert fig7["layers_a"] == ["model.blocks.0", "model.blocks.1"] and np.shape(fig7["cka"]) == (2, 2)
     d = fig7["diagonal"]
     assert all(lo <= c <= hi for lo, c, hi in zip(d["lower"], d["cka"], d["upper"]))
-    assert fig7["mean_ci_width"] > 0
-    assert "fig7/scratch" in cka
-    assert cka["figA1/frozen-stacked"]["layers_a"] == ["classifier.blocks.0"]
-    assert "figA1/unfrozen-stacked" in cka
+    assert {"fig7/in-domain/seed1", "fig7/scratch/seed0", "null/seed0-1"} <= set(cka)
+    assert cka["figA1/in-domain/frozen-stacked"]["layers_a"] == ["classifier.blocks.0"]
     fig8 = np.array(cka["fig8"]["cka"])
     assert [n.split("/")[0] for n in cka["fig8"]["layers_a"]] == [
-        "start", "random init", "scratch-trained", "unfrozen-linear", "unfrozen-stacked"]
+        "in-domain start", "in-domain fine-tuned", "scratch start", "scratch fine-tuned"]
     np.testing.assert_allclose(np.diag(fig8), 1.0, atol=1e-6)
 
 
 def test_rerun_reuses_everything_and_other_settings_are_refused(study_dir: Path, tiny_root: Path) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in study_dir.rglob("*") if p.suffix in (".pt", ".nc")}
     settings = replace(PRESETS["tiny"], targets=("breastmnist",))
+    saved = json.loads((study_dir / "settings.json").read_text())
+    del saved["fig8_models"]  # a setting added after the study was written is compatible at its default
+    (study_dir / "settings.json").write_text(json.dumps(saved))
     summary = Study(settings, study_dir, data_root=tiny_root, threads=1).run()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert summary["timings_s"]["finetune"] < 10
+    assert summary["timings_s"]["train"] < 20
     with pytest.raises(ValueError, match="other settings.*train"):
-        Study(replace(settings, train={**settings.train, "epochs": 2}), study_dir, data_root=tiny_root).run()
+        Study(settings_with(settings, ["train.epochs=2"]), study_dir, data_root=tiny_root).run()
 
 
-def test_rebuilt_initial_classifier_matches_the_trainer(tiny_root: Path, tmp_path: Path) -> None:
-    """With lr=0 the best checkpoint is the trainer's initial model: ``rebuild(init)`` must reproduce it."""
-    from repsim.train import run_experiment
+def test_loaded_initial_classifier_is_the_trainers(study_dir: Path, tiny_root: Path) -> None:
+    """load_run(init, classifier) holds exactly the model the trainer built before its first step."""
+    from repsim.data import prepare
+    from repsim.train.utils import build_model, seed_everything
 
-    s = PRESETS["tiny"]
-    model = {"name": s.model, "kwargs": s.model_kwargs, "pretrained": False, "scenario": "frozen-stacked",
-             "classifier": s.classifier}
-    cfg = resolved_config({"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist", "img_size": 28},
-                          model, {**s.train, "lr_grid": None, "lr": 0.0, "seeds": 1})
-    run_experiment(cfg, tmp_path / "exp", data_root=tiny_root, progress=False)
-    (run,) = run_dirs(tmp_path / "exp")
-    init, best = rebuild(run, tiny_root, "init"), rebuild(run, tiny_root, "best")
-    for (name, a), b in zip(init.state_dict().items(), best.state_dict().values()):
+    run = find_runs(study_dir / "finetune" / "scratch" / "breastmnist" / "unfrozen-stacked")[0]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    seed_everything(int(cfg["train"]["seed"]))
+    built, _ = build_model(cfg, prepare(cfg["data"], tiny_root, seed=int(cfg["train"]["seed"])))
+    loaded = load_run(run, "init", "classifier")
+    for (name, a), b in zip(built.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    os.remove(run / "backbone_init.pt")
-    torch.save({k: v + 1 for k, v in init.backbone.state_dict().items()}, run / "backbone_init.pt")
-    with pytest.raises(RuntimeError, match="does not reproduce backbone_init.pt"):
-        rebuild(run, tiny_root, "init")
-
-
-def test_inconsistent_settings_are_named() -> None:
-    with pytest.raises(ValueError, match="at most one of pretrained and checkpoint"):
-        replace(PRESETS["tiny"], pretrained=True, checkpoint="x.pt").check()
-    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
-        replace(PRESETS["tiny"], targets=("nope",)).check()
-    with pytest.raises(ValueError, match="unfrozen-linear"):
-        replace(PRESETS["tiny"], scenarios=("frozen-linear",), decapitate=[]).check()
+    best = load_run(run, "best", "classifier")
+    assert not all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), best.state_dict().values()))
 
 
 def test_report_of_a_study_embeds_its_tables_and_figures(study_dir: Path) -> None:
     from repsim.report import build_report
 
     text = build_report(study_dir)
-    assert "Transfer study of" in text and "Table 1" in text and "fig7_cka_before_after.png" in text
+    assert "Transfer study of" in text and "Paired differences" in text and "fig7_diagonal.png" in text
     summary = json.loads((study_dir / "study.json").read_text())
     assert text.count("data:image/png;base64,") >= len(summary["figures"]) + 5  # figures + one curve per experiment
+
+
+def test_scheduler_refuses_unknown_and_circular_dependencies(tmp_path: Path) -> None:
+    cfg = resolved_config({"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist"},
+                          {"name": "test_vit", "pretrained": False}, {})
+    scheduler = Scheduler(Pool(1, 1), None)
+    with pytest.raises(ValueError, match=r"unknown experiments \['c'\]"):
+        scheduler.run([Experiment("a", cfg, tmp_path / "a", after=("c",))])
+    with pytest.raises(ValueError, match="wait on each other"):
+        scheduler.run([Experiment("a", cfg, tmp_path / "a", after=("b",)),
+                       Experiment("b", cfg, tmp_path / "b", lr_from="a")])
+
+
+def test_paired_difference_matches_scipy_and_says_a_verdict() -> None:
+    from scipy import stats
+
+    a, b = [0.81, 0.84, 0.79, 0.86, 0.83], [0.71, 0.77, 0.75, 0.74, 0.78]
+    got = paired_difference(a, b)
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert got["lower"] == pytest.approx(ci.low, abs=1e-12) and got["upper"] == pytest.approx(ci.high, abs=1e-12)
+    assert got["verdict"] == "helps" and paired_difference(b, a)["verdict"] == "hurts"
+    assert paired_difference([0.5, 0.7, 0.6], [0.6, 0.6, 0.6])["verdict"] == "no evidence"
+    assert paired_difference([0.5], [0.4])["verdict"] == "no evidence"
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_run_flags_name_runs_that_did_not_train(tmp_path: Path) -> None:
+    for seed, (best, run, auc) in enumerate([(0, 5, 0.8), (11, 12, 0.9), (4, 9, 0.5), (5, 9, 0.8)]):
+        folder = tmp_path / f"lr0.001/seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 12}}))
+        (folder / "summary.json").write_text(json.dumps({"best_epoch": best, "epochs_run": run, "metric": "auc",
+                                                         "test": {"auc": auc}, "lr": 1e-3, "seed": seed}))
+    flags = {f["seed"]: f["reasons"] for f in run_flags(tmp_path)}
+    assert flags == {0: ["best validation epoch is the first"], 1: ["still improving at the last epoch"],
+                     2: ["test auc 0.500 at chance level"]}
+
+
+def test_settings_overrides_and_inconsistent_settings_are_named() -> None:
+    s = settings_with(PRESETS["tiny"], ["train.epochs=3", "targets=[breastmnist]", "n_boot=50"])
+    assert s.train["epochs"] == 3 and s.train["seeds"] == 2 and s.targets == ("breastmnist",) and s.n_boot == 50
+    with pytest.raises(ValueError, match="unknown study setting 'epochs'"):
+        settings_with(PRESETS["tiny"], ["epochs=3"])
+    with pytest.raises(ValueError, match="starts cannot be overridden"):
+        settings_with(PRESETS["tiny"], ["starts=[]"])
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        replace(PRESETS["tiny"], targets=("nope",)).check()
+    with pytest.raises(ValueError, match="must be a slug"):
+        replace(PRESETS["tiny"], starts=(Start("../x", "scratch"),)).check()
+    with pytest.raises(ValueError, match="freezing curve of start 'in-domain'.*unfrozen-linear"):
+        replace(PRESETS["tiny"], scenarios=("frozen-linear", "frozen-stacked"), decapitate=[]).check()
+
+
+def test_natural_preset_plans_the_papers_question() -> None:
+    """The natural preset: three starts of one architecture, 5 seeds, curves with >= 3 seeds, sizes and Fig 8."""
+    s = PRESETS["natural"]
+    s.check()
+    assert [st.kind for st in s.starts] == ["pretrained", "source", "scratch"]
+    assert s.train["seeds"] == 5 and s.curve_seeds >= 3 and s.cka_seeds == 5 and len(s.train["lr_grid"]) >= 3
+    keys = {(st.name, t, sc) for st, t, sc in s.experiments()}
+    assert ("imagenet", "pneumoniamnist", "unfrozen-linear") in keys
+    assert ("scratch", "retinamnist", "unfrozen-stacked") in keys and ("in-domain", "retinamnist", "frozen-stacked")
+    assert s.sizes == ("efficientnet_lite1", "efficientnet_lite2") and "mobilenetv2_imagenet" in s.fig8_models

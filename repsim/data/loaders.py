@@ -69,8 +69,8 @@ def _source(data: str, root: str | Path | None, split: str) -> tuple[Source, lis
 
 def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | Path | None = None,
            batch_size: int = 64, n_samples: int | None = None, normalise: Normalise = "dataset",
-           num_workers: int = 0, seed: int = 0) -> DataLoader:
-    """Evaluation images for CKA as a DataLoader of ``(x, y)`` batches of 3-channel ``img_size`` images.
+           channels: int = 3, num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """Evaluation images for CKA as a DataLoader of ``(x, y)`` batches of ``channels``-channel ``img_size`` images.
 
     Args:
         data: ``"synthetic"`` (repsim's built-in textures), a dataset name (``"retinamnist"``, ... read from
@@ -83,22 +83,24 @@ def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | P
     from repsim.data.synthetic import SyntheticPatterns
 
     if data == "synthetic":
+        if channels != 3:
+            raise ValueError(f"the synthetic data has 3 channels, not {channels}")
         dataset: Dataset = SyntheticPatterns(n_samples or 512, img_size=img_size, split=split, seed=seed)
         norm = {"normalisation": "synthetic data: drawn with about zero mean and unit variance"}
     else:
         source, indices = _source(data, root, split)
-        info = with_channels(source.info, 3)
+        info = with_channels(source.info, channels)
         if isinstance(normalise, str):
             if normalise != "dataset":
                 raise ValueError(f"normalise must be 'dataset', a model or a (mean, std) pair, got {normalise!r}")
-            mean, std, what = info.mean or (0.5,) * 3, info.std or (0.25,) * 3, "dataset statistics"
+            mean, std, what = info.mean or (0.5,) * channels, info.std or (0.25,) * channels, "dataset statistics"
         elif isinstance(normalise, tuple):
             (mean, std), what = normalise, "given"
         else:
             mean, std = normalise.input_mean, normalise.input_std
             what = f"{getattr(normalise, 'name', type(normalise).__name__)} input normalisation"
         transform = build_transform(img_size, mean, std, train=False)
-        dataset = ImageDataset(source, indices, transform, channels=3)
+        dataset = ImageDataset(source, indices, transform, channels=channels)
         norm = {"normalisation": what, "input_mean": [float(v) for v in mean], "input_std": [float(v) for v in std]}
         if n_samples is not None:
             if n_samples > len(indices):
