@@ -7,7 +7,7 @@ which HSIC is invariant to, then Song et al.'s unbiased HSIC). Effective GFLOP/s
 work, 2n^2 d per Gram plus 2n^2 per layer pair, over the whole wall time and over the CKA's own time (wall time
 less a plain forward of both models, measured in the same run), against a measured fp32 matmul peak.
 
-    python bench/cka_math.py            # full: 48 layers x 4096 x 512, plus the 24 x 2048 x 256 peer config
+    python bench/cka_math.py            # 48 layers x 4096 x n 512 x 2 batches, 24 x 2048 x 256 x 4 (+ torch-cka)
     python bench/cka_math.py --quick    # small shapes, seconds
 """
 
@@ -97,10 +97,18 @@ def matmul_peak(n: int, d: int, reps: int = 10) -> float:
 
 
 def run_repsim(ma, mb, loader, names) -> np.ndarray:
-    return repsim.compare(ma, mb, loader, layers_a=names, layers_b=names, pool="flatten", progress=False).values
+    return repsim.compare(ma, mb, loader, layers_a=names, layers_b=names, pool="flatten", progress=False).cka.values
 
 
-def bench(config: str, layers: int, d: int, n: int, n_batches: int, offset: float, peers: dict[str, Callable], peak: float) -> list[list[str]]:
+def forward(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> None:
+    with torch.no_grad():
+        for x, _ in loader:
+            ma(x), mb(x)
+
+
+def bench(config: str, layers: int, d: int, n: int, n_batches: int, offset: float, peers: dict[str, Callable],
+          peak: float, repeats: int) -> list[list[str]]:
+    """One configuration: every contestant ``repeats`` times, interleaved; medians of the wall times."""
     torch.manual_seed(0)
     data = torch.randn(n * n_batches, d)
     loader = DataLoader(TensorDataset(data, torch.zeros(len(data))), batch_size=n)
@@ -108,25 +116,30 @@ def bench(config: str, layers: int, d: int, n: int, n_batches: int, offset: floa
     mb = make_model(layers, d, lambda t: 1.5 * torch.tanh(t), offset, seed=2)
     names = [str(i) for i in range(layers)]
     ref = reference(ma, mb, [b[0] for b in loader])
-    t = time.perf_counter()
-    with torch.no_grad():
-        for x, _ in loader:
-            ma(x), mb(x)
-    t_fwd = time.perf_counter() - t
     flops = n_batches * (2 * layers * 2 * n * n * d + layers * layers * 2 * n * n)
+    contestants: dict[str, Callable] = {"forward only": lambda *_: forward(ma, mb, loader), **peers}
+    times: dict[str, list[float]] = {k: [] for k in contestants}
+    errors: dict[str, str] = {}
+    for _ in range(repeats):
+        for name, fn in contestants.items():
+            t = time.perf_counter()
+            try:
+                got = fn(ma, mb, loader, names)
+                if got is not None:
+                    errors[name] = f"{np.abs(got - ref).max():.1e}" if np.isfinite(got).all() else "NaN"
+            except (AssertionError, RuntimeError, ValueError) as exc:  # torch-cka aborts with an assertion on NaN
+                errors[name] = f"aborts: {str(exc).splitlines()[0][:40]}"
+            times[name].append(time.perf_counter() - t)
+    t_fwd = float(np.median(times["forward only"]))
+    base = {k: float(np.median(v)) for k, v in times.items()}
     rows = []
-    for name, fn in peers.items():
-        t = time.perf_counter()
-        try:
-            got = fn(ma, mb, loader, names)
-            err = f"{np.abs(got - ref).max():.1e}" if np.isfinite(got).all() else "NaN"
-        except (AssertionError, RuntimeError, ValueError) as exc:  # torch-cka aborts with an assertion on NaN
-            err = f"aborts: {str(exc).splitlines()[0][:40]}"
-        dt = time.perf_counter() - t
-        gf = flops / dt / 1e9
+    for name in contestants:
+        dt = base[name]
         gf_cka = flops / max(dt - t_fwd, 1e-9) / 1e9  # the similarity work alone: wall time less a plain forward
-        rows.append([config, name, f"{dt:.2f}", f"{dt / t_fwd:.1f}", f"{gf:.1f}", f"{gf_cka:.1f}",
-                     f"{100 * gf_cka / peak:.0f}%", err])
+        speed = " / ".join(f"{base[p] / dt:.2f}x" for p in ("pytorch-cka", "torch-cka") if p in base)
+        rows.append([config, name, f"{dt:.3f}", f"{min(times[name]):.3f}-{max(times[name]):.3f}", f"{dt / t_fwd:.2f}",
+                     "-" if name == "forward only" else f"{gf_cka:.0f} ({100 * gf_cka / peak:.0f}%)",
+                     "-" if name == "forward only" else speed, errors.get(name, "-")])
     return rows
 
 
@@ -134,22 +147,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs per contestant (medians are reported)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     peers = {"repsim": run_repsim, "pytorch-cka": run_pytorch_cka}
     all_peers = {**peers, "torch-cka": run_torch_cka}
     if args.quick:
-        configs = [("8x512x128", 8, 512, 128, 2, all_peers)]
+        configs = [("8x512x128x2", 8, 512, 128, 2, all_peers)]
     else:
-        configs = [("48x4096x512", 48, 4096, 512, 2, peers), ("24x2048x256", 24, 2048, 256, 1, all_peers)]
+        configs = [("48x4096x512x2", 48, 4096, 512, 2, peers), ("24x2048x256x4", 24, 2048, 256, 4, all_peers)]
     peak = matmul_peak(configs[0][3], configs[0][2])
-    print(f"fp32 matmul peak (n x d @ d x n, n={configs[0][3]}, d={configs[0][2]}): {peak:.0f} GFLOP/s on {args.threads} threads\n")
-    header = ["config L x d x n", "library", "time s", "x forward", "GFLOP/s (wall)", "GFLOP/s (CKA)", "CKA of peak",
-              "max |err| vs fp64"]
+    print(f"fp32 matmul peak (n x d @ d x n, n={configs[0][3]}, d={configs[0][2]}, same run): {peak:.0f} GFLOP/s on "
+          f"{args.threads} threads; medians of {args.repeats} interleaved runs\n")
+    header = ["config L x d x n x batches", "contestant", "median s", "range s", "x forward", "GFLOP/s CKA (of peak)",
+              "speed vs pytorch-cka / torch-cka", "max |err| vs fp64"]
     rows = []
     for offset in (0.0, 50.0):
         for config, layers, d, n, nb, libs in configs:
-            rows += bench(f"{config} mean->{offset:g}", layers, d, n, nb, offset, libs, peak)
+            rows += bench(f"{config} mean->{offset:g}", layers, d, n, nb, offset, libs, peak, args.repeats)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-from tqdm.auto import tqdm
+from repsim.progress import tqdm
 
 from repsim.capture import capture, open_activations, prepare_input, resolve_layers, split_batch
 from repsim.gram import check_estimator, gram_vector

@@ -8,8 +8,12 @@ every inner product between Grams is taken in float64 by the callers.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,8 +82,54 @@ def centre_gram(k: torch.Tensor, estimator: Estimator, *, inplace: bool = False)
 
 def linear_gram(x: torch.Tensor) -> torch.Tensor:
     """Gram of feature-centred ``x`` (n, d) in its own dtype; centring first is exact for HSIC and avoids cancellation."""
-    xc = x - x.mean(0, keepdim=True)
-    return xc @ xc.T
+    return symmetric_product(x - x.mean(0, keepdim=True))
+
+
+@functools.cache
+def _mkl_syrk() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """BLAS ``syrk`` from the MKL that torch's CPU build links (``mkl_blas_ssyrk``/``dsyrk``, exported by libtorch_cpu),
+    so it runs on torch's own threads; checked once against a matmul. None where torch has no MKL (other platforms
+    or builds), the symbols are missing, or ``REPSIM_SYRK=0``."""
+    if os.environ.get("REPSIM_SYRK", "1") == "0" or "BLAS_INFO=mkl" not in torch.__config__.show():
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        routines = {torch.float32: (lib.mkl_blas_ssyrk, ctypes.c_float),
+                    torch.float64: (lib.mkl_blas_dsyrk, ctypes.c_double)}
+    except (OSError, AttributeError):
+        return None
+    upper, trans, c_int = ctypes.c_char(b"U"), ctypes.c_char(b"T"), ctypes.c_int
+
+    def syrk(x: torch.Tensor) -> torch.Tensor:
+        n, d = x.shape
+        routine, scalar = routines[x.dtype]
+        out = torch.empty(n, n, dtype=x.dtype)
+        # Fortran view: x (n, d) row-major is A (d, n) column-major; C = A^T A, upper triangle in column-major
+        # order = the lower triangle of ``out`` in row-major order
+        routine(ctypes.byref(upper), ctypes.byref(trans), ctypes.byref(c_int(n)), ctypes.byref(c_int(d)),
+                ctypes.byref(scalar(1.0)), ctypes.c_void_p(x.data_ptr()), ctypes.byref(c_int(d)),
+                ctypes.byref(scalar(0.0)), ctypes.c_void_p(out.data_ptr()), ctypes.byref(c_int(n)))
+        full = out.tril_() + out.tril().T
+        full.diagonal().mul_(0.5)
+        return full
+
+    probe = torch.randn(9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ok = all(torch.allclose(syrk(probe.to(dt)), probe.to(dt) @ probe.to(dt).T, rtol=1e-5, atol=1e-5)
+             for dt in routines)
+    return syrk if ok else None
+
+
+def symmetric_product(x: torch.Tensor) -> torch.Tensor:
+    """``x @ x.T`` (n, d) -> (n, n) at half the multiply-adds where possible.
+
+    On the CPU a contiguous float32/float64 ``x`` goes to BLAS ``syrk`` (only one triangle is computed, on torch's
+    threads), which is then mirrored; elsewhere (GPU, other dtypes, torch builds without MKL) a plain matmul.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous() and x.ndim == 2:
+        syrk = _mkl_syrk()
+        if syrk is not None and x.shape[0] > 1 and x.shape[1] > 0:
+            return syrk(x)
+    return x @ x.T
 
 
 def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from repsim.progress import tqdm
 
 from repsim.metrics import compute_metrics
 

@@ -23,3 +23,5 @@ def test_walkthrough_notebook_executes(data_root: Path, tmp_path: Path, monkeypa
     assert "test AUC" in text and "95% CI" in text and "max |compare - cka_matrix|" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the heatmap was drawn
     assert list(tmp_path.rglob("backbone_best.pt"))  # the run went where it was told
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    assert "Warning" not in stderr  # no IProgress/tqdm or deprecation warnings shown to the reader

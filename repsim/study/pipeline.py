@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from repsim.progress import tqdm
 
 from repsim.files import write_text
 from repsim.models import Backbone, create

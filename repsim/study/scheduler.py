@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from repsim.progress import tqdm
 
 from repsim.train.runner import choose_lr
 

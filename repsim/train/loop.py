@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
-from tqdm.auto import tqdm
+from repsim.progress import tqdm
 
 from repsim.data import prepare
 from repsim.files import load_torch, save_torch, write_text
