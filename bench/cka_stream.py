@@ -6,11 +6,11 @@ for any hook-based tool), repsim.compare, pytorch-cka and torch-cka. Each librar
 is checked against a float64 reference computed here from stored activations with the equations (Song et al.'s
 unbiased HSIC on Grams of centred features, averaged over batches as in Nguyen et al. 2021). Peak RSS growth is read
 from /proc/self/status (VmHWM, reset before each run through /proc/self/clear_refs), for the first run (which
-includes one-time costs such as imports) and the later ones. Wall and process CPU times are the best of
-``--repeats`` interleaved runs; on a shared machine the CPU-time ratio is the steadier one (use --threads 1 there). A second table runs repsim at growing N to show
-that its memory does not grow with the dataset.
+includes one-time costs such as imports) and the later ones. Wall and process CPU times are medians of
+``--repeats`` interleaved runs (the range is printed too); the same-run fp32 matmul peak is printed for scale.
+Memory against dataset size: bench/cka_scale.py.
 
-    python bench/cka_stream.py [--data ../shared/data/medmnist/retinamnist.npz] [--threads 2] [--repeats 3]
+    python bench/cka_stream.py [--data ../shared/data/medmnist/retinamnist.npz] [--threads 2] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def forward_only(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> None:
 
 
 def run_repsim(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
-    return repsim.compare(ma, mb, loader, layers_a=LAYERS, pool="flatten", progress=False).values
+    return repsim.compare(ma, mb, loader, layers_a=LAYERS, pool="flatten", progress=False).cka.values
 
 
 def block_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per contestant; the best time is reported")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs per contestant; medians are reported")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     x = load_images(args.data, args.n, args.img_size)
@@ -152,29 +152,35 @@ def main() -> None:
             runs[name].append((dt, dc, grow))
     ref = reference(ma, mb, loader)
 
-    wall_fwd = min(r[0] for r in runs["forward only (both models)"])
-    cpu_fwd = min(r[1] for r in runs["forward only (both models)"])
+    wall_fwd = float(np.median([r[0] for r in runs["forward only (both models)"]]))
+    cpu_fwd = float(np.median([r[1] for r in runs["forward only (both models)"]]))
     rows = []
     for name, rs in runs.items():
         out = results[name]
         err = "-" if out is None else (f"{np.abs(out - ref).max():.1e}" if np.isfinite(out).all() else "NaN")
-        wall, cpu = min(r[0] for r in rs), min(r[1] for r in rs)
+        wall, cpu = float(np.median([r[0] for r in rs])), float(np.median([r[1] for r in rs]))
         first, later = rs[0][2], min(r[2] for r in rs[1:]) if len(rs) > 1 else float("nan")
-        rows.append([name, f"{wall:.2f}", f"{wall / wall_fwd:.2f}x", f"{cpu:.2f}", f"{cpu / cpu_fwd:.2f}x", f"{first:.0f} / {later:.0f}", err])
+        rows.append([name, f"{wall:.2f}", f"{min(r[0] for r in rs):.2f}-{max(r[0] for r in rs):.2f}",
+                     f"{wall / wall_fwd:.3f}x", f"{cpu:.2f}", f"{cpu / cpu_fwd:.3f}x", f"{first:.0f} / {later:.0f}", err])
+    peak = matmul_peak(args.threads)
     print(
         f"ViT-Tiny x2 (random init), {args.img_size} px, {len(LAYERS)} blocks, tokens flattened, N={args.n} RetinaMNIST,"
-        f" batch {args.batch_size}, {args.threads} threads, best of {args.repeats} interleaved runs\n"
+        f" batch {args.batch_size}, {args.threads} threads, medians of {args.repeats} interleaved runs; fp32 matmul "
+        f"peak in this run: {peak:.0f} GFLOP/s\n"
     )
-    header = ["contestant", "wall s", "vs fwd", "CPU s", "vs fwd", "RSS growth MB 1st/later", "max |err| vs fp64"]
+    header = ["contestant", "wall s", "range s", "vs fwd", "CPU s", "vs fwd", "RSS growth MB 1st/later",
+              "max |err| vs fp64"]
     print(table(header, rows))
 
-    rows = []
-    for n in (args.n // 4, args.n // 2, args.n):
-        sub = DataLoader(TensorDataset(x[:n], torch.zeros(n)), batch_size=args.batch_size)
-        dt, dc, grow, _ = measure(lambda: run_repsim(ma, mb, sub))
-        rows.append([str(n), f"{dt:.2f}", f"{dc:.2f}", f"{grow:.0f}"])
-    print("\nrepsim.compare memory against dataset size\n")
-    print(table(["N", "wall s", "CPU s", "peak RSS growth MB"], rows))
+
+def matmul_peak(threads: int, n: int = 1024, reps: int = 10) -> float:
+    """fp32 GFLOP/s of a square matmul on ``threads`` threads (the same-run reference for the machine's speed)."""
+    a = torch.randn(n, n)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 if __name__ == "__main__":

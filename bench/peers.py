@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 
-def pytorch_cka(ma: nn.Module, mb: nn.Module, loader: Iterable, layers: Sequence[str]) -> np.ndarray:
+def pytorch_cka(ma: nn.Module, mb: nn.Module, loader: Iterable, layers: Sequence[str], device: str = "cpu"
+                ) -> np.ndarray:
     """pytorch-cka 1.x: batched raw-Gram Song HSIC in the model dtype, clamped to [0, 1]."""
     import cka
 
-    return cka.compute_cka(ma, mb, loader, layers=list(layers), model2_layers=list(layers), device="cpu",
-                           progress=False)[0].numpy()
+    return cka.compute_cka(ma, mb, loader, layers=list(layers), model2_layers=list(layers), device=device,
+                           progress=False)[0].cpu().numpy()
 
 
 def torch_cka(ma: nn.Module, mb: nn.Module, loader: Iterable, layers: Sequence[str]) -> np.ndarray:
