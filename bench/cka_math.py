@@ -20,12 +20,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from peers import pytorch_cka as run_pytorch_cka
+from peers import torch_cka as run_torch_cka
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import repsim
-from peers import pytorch_cka as run_pytorch_cka
-from peers import torch_cka as run_torch_cka
 
 
 class Elementwise(nn.Module):

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+from peers import pytorch_cka, torch_cka
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import repsim
-from peers import pytorch_cka, torch_cka
 
 LAYERS = [f"blocks.{i}" for i in range(12)]
 DEFAULT_DATA = Path(os.environ.get("REPSIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "medmnist" / "retinamnist.npz"

@@ -27,9 +27,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-import repsim  # noqa: E402
 from cka_math import make_model  # noqa: E402
 from peers import pytorch_cka  # noqa: E402
+
+import repsim  # noqa: E402
 
 LAYERS = [f"blocks.{i}" for i in range(12)]
 

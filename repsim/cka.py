@@ -22,8 +22,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from repsim.gram import (DTYPE_POLICY, _as_matrix, _check_n, _ratio, centre_gram, check_estimator, gram_vector,
-                         linear_gram, rbf_gram)
+from repsim.gram import (
+    DTYPE_POLICY,
+    _as_matrix,
+    _check_n,
+    _ratio,
+    centre_gram,
+    check_estimator,
+    gram_vector,
+    linear_gram,
+    rbf_gram,
+)
 from repsim.minibatch import MinibatchCKA
 from repsim.types import Estimator
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from repsim.types import ESTIMATORS, POOLS
 
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in every help line, descriptions kept as written."""
 

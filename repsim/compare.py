@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-from repsim.progress import tqdm
 
 from repsim.capture import capture, open_activations, prepare_input, resolve_layers, split_batch
 from repsim.gram import check_estimator, gram_vector
 from repsim.minibatch import MinibatchCKA
-from repsim.shard import shard_batches, world as process_world
+from repsim.progress import tqdm
+from repsim.shard import shard_batches
+from repsim.shard import world as process_world
 from repsim.types import Estimator, Pool
 
 Layers = str | Sequence[str]

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from repsim.progress import tqdm
 
 from repsim.metrics import compute_metrics
+from repsim.progress import tqdm
 
 
 def knn_predict(bank: torch.Tensor, bank_targets: torch.Tensor, queries: torch.Tensor, *, k: int = 200,

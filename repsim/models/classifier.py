@@ -18,7 +18,6 @@ from repsim.models.base import Backbone
 from repsim.types import SCENARIOS
 
 
-
 class FoundationClassifier(nn.Module):
     """``backbone`` -> (pooled feature | ``classifier`` on patch tokens) -> ``head`` logits ``(B, num_classes)``."""
 

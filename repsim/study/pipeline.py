@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from repsim.progress import tqdm
 
 from repsim.files import write_text
 from repsim.models import Backbone, create
+from repsim.progress import tqdm
 from repsim.study.scheduler import Experiment, Pool, Scheduler
 from repsim.study.settings import DATASETS, SYNTHETIC, Settings, Start
 from repsim.train.config import expand

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from repsim.progress import tqdm
 
+from repsim.progress import tqdm
 from repsim.train.runner import choose_lr
 
 

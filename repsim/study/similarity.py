@@ -5,6 +5,7 @@ computed once and reused."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -70,67 +71,69 @@ def _cached(path: Path, make: Callable[[], xr.Dataset], **attrs: Any) -> xr.Data
 def study_cka(study: Study, results: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, xr.Dataset]]:
     """``{target: {name: Dataset}}``; names ``fig7/<start>/seed<k>``, ``null/seed<i>-<j>``,
     ``figA1/<start>/<scenario>`` and ``fig8``."""
-    from repsim.compare import Bootstrap, compare, compare_many
-    from repsim.data import near_equal_batches, prepare
+    from repsim.compare import Bootstrap
     from repsim.train.utils import pick_device
 
-    s = study.settings
     device = pick_device(study.device)
-    kw = {"device": device, "bootstrap": Bootstrap(s.n_boot), "progress": False}
-    targets = list(dict.fromkeys(t for _, t, _ in s.experiments()))
+    kw: dict[str, Any] = {"device": device, "bootstrap": Bootstrap(study.settings.n_boot), "progress": False}
+    targets = list(dict.fromkeys(t for _, t, _ in study.settings.experiments()))
+    return {t: _target_matrices(study, results, t, kw) for t in targets}
+
+
+def _target_matrices(study: Study, results: Mapping[str, dict[str, Any]], target: str,
+                     kw: dict[str, Any]) -> dict[str, xr.Dataset]:
+    """Every CKA matrix of one target, on its test split (computed once, then read from ``cka/<target>/``)."""
+    from repsim.compare import compare, compare_many
+    from repsim.data import near_equal_batches, prepare
+
+    s, folder = study.settings, study.out / "cka" / target
+    test = prepare(study.data_block(target), study.data_root).datasets["test"]
+    # at least 10 batches for the bootstrap over batches (and at least 4 samples per batch)
+    size = min(s.cka_batch_size, max(4, len(test) // 10))
+    loader = torch.utils.data.DataLoader(test, batch_sampler=near_equal_batches(len(test), size))
     scratch = next((st.name for st in s.starts if st.kind == "scratch"), None)
-    out: dict[str, dict[str, xr.Dataset]] = {}
-    for t in targets:
-        folder = study.out / "cka" / t
-        test = prepare(study.data_block(t), study.data_root).datasets["test"]
-        # at least 10 batches for the bootstrap over batches (and at least 4 samples per batch)
-        size = min(s.cka_batch_size, max(4, len(test) // 10))
-        loader = torch.utils.data.DataLoader(test, batch_sampler=near_equal_batches(len(test), size))
 
-        def runs(start: str, scenario: str) -> list[Path]:
-            key = f"finetune/{start}/{t}/{scenario}"
-            return find_runs(study.out / "finetune" / start / t / scenario, results[key]["lr"]) if key in results else []
+    def runs(start: str, scenario: str) -> list[Path]:
+        key = f"finetune/{start}/{target}/{scenario}"
+        return find_runs(study.out / "finetune" / start / target / scenario, results[key]["lr"]) if key in results \
+            else []
 
-        def before_after(run: Path, part: str = "backbone") -> xr.Dataset:
-            before, after = load_run(run, "init", part), load_run(run, "best", part)  # type: ignore[arg-type]
-            layers = before.layer_names() if part == "backbone" else [
-                n for n, _ in before.named_modules() if n.startswith("classifier.blocks.") and n.count(".") == 2]
-            return compare(before, after, loader, layers_a=layers, labels=("before", "after"), **kw)
+    def before_after(run: Path, part: str = "backbone") -> xr.Dataset:
+        before, after = load_run(run, "init", part), load_run(run, "best", part)  # type: ignore[arg-type]
+        layers = before.layer_names() if part == "backbone" else [
+            n for n, _ in before.named_modules() if n.startswith("classifier.blocks.") and n.count(".") == 2]
+        return compare(before, after, loader, layers_a=layers, labels=("before", "after"), **kw)
 
-        mats: dict[str, xr.Dataset] = {}
+    def between(a: Path, b: Path, labels: tuple[str, str]) -> xr.Dataset:
+        return compare(load_run(a), load_run(b), loader, labels=labels, **kw)
+
+    def fig8() -> xr.Dataset:
+        models: dict[str, nn.Module] = {}
         for st in s.starts:
-            for seed, run in enumerate(runs(st.name, "unfrozen-linear")[:s.cka_seeds]):
-                mats[f"fig7/{st.name}/seed{seed}"] = _cached(
-                    folder / f"fig7_{st.name}_seed{seed}.nc", lambda run=run: before_after(run), run=str(run))
-        def between(a: Path, b: Path, labels: tuple[str, str]) -> xr.Dataset:
-            return compare(load_run(a), load_run(b), loader, labels=labels, **kw)
+            found = runs(st.name, "unfrozen-linear")
+            if found:
+                models[f"{st.name} start"] = load_run(found[0], "init")
+                models[f"{st.name} fine-tuned"] = load_run(found[0], "best")
+        for name in s.fig8_models:
+            other = study.backbone(model=name, pretrained=True).eval()
+            models[name] = other if study.norm is None else Renormalised(
+                other, study.norm, (other.input_mean, other.input_std))
+        last = {k: [m.layer_names()[-1]] for k, m in models.items()}  # type: ignore[operator]
+        return compare_many(models, loader, layers=last, device=kw["device"], progress=False)
 
-        trained = runs(scratch, "unfrozen-linear") if scratch else []
-        for (i, a), (j, b) in itertools.combinations(enumerate(trained), 2):
-            mats[f"null/seed{i}-{j}"] = _cached(
-                folder / f"null_seed{i}-{j}.nc",
-                lambda a=a, b=b, i=i, j=j: between(a, b, (f"scratch seed {i}", f"scratch seed {j}")))
-        first_stacked = next((st for st in s.starts if any(runs(st.name, sc) for sc in STACKED)), None)
-        for sc in STACKED if first_stacked else ():
-            for run in runs(first_stacked.name, sc)[:1]:
-                mats[f"figA1/{first_stacked.name}/{sc}"] = _cached(
-                    folder / f"figA1_{first_stacked.name}_{sc}.nc", lambda run=run: before_after(run, "classifier"),
-                    run=str(run))
-
-        def fig8() -> xr.Dataset:
-            models: dict[str, nn.Module] = {}
-            for st in s.starts:
-                found = runs(st.name, "unfrozen-linear")
-                if found:
-                    models[f"{st.name} start"] = load_run(found[0], "init")
-                    models[f"{st.name} fine-tuned"] = load_run(found[0], "best")
-            for name in s.fig8_models:
-                other = study.backbone(model=name, pretrained=True).eval()
-                models[name] = other if study.norm is None else Renormalised(
-                    other, study.norm, (other.input_mean, other.input_std))
-            last = {k: [m.layer_names()[-1]] for k, m in models.items()}  # type: ignore[operator]
-            return compare_many(models, loader, layers=last, device=device, progress=False)
-
-        mats["fig8"] = _cached(folder / "fig8_last_block.nc", fig8)
-        out[t] = mats
-    return out
+    mats: dict[str, xr.Dataset] = {}
+    for st in s.starts:
+        for seed, run in enumerate(runs(st.name, "unfrozen-linear")[:s.cka_seeds]):
+            mats[f"fig7/{st.name}/seed{seed}"] = _cached(
+                folder / f"fig7_{st.name}_seed{seed}.nc", functools.partial(before_after, run), run=str(run))
+    trained = runs(scratch, "unfrozen-linear") if scratch else []
+    for (i, a), (j, b) in itertools.combinations(enumerate(trained), 2):
+        mats[f"null/seed{i}-{j}"] = _cached(folder / f"null_seed{i}-{j}.nc", functools.partial(
+            between, a, b, (f"scratch seed {i}", f"scratch seed {j}")))
+    stacked = next((st.name for st in s.starts if any(runs(st.name, sc) for sc in STACKED)), None)
+    for sc in STACKED if stacked else ():
+        for run in runs(stacked or "", sc)[:1]:
+            mats[f"figA1/{stacked}/{sc}"] = _cached(folder / f"figA1_{stacked}_{sc}.nc",
+                                                    functools.partial(before_after, run, "classifier"), run=str(run))
+    mats["fig8"] = _cached(folder / "fig8_last_block.nc", fig8)
+    return mats

@@ -23,14 +23,22 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
-from repsim.progress import tqdm
 
 from repsim.data import prepare
 from repsim.files import load_torch, save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 from repsim.models.classifier import FoundationClassifier
-from repsim.train.utils import (build_model, check_same_config, distributed, param_groups, pick_device, rng_state,
-                                seed_everything, set_rng_state)
+from repsim.progress import tqdm
+from repsim.train.utils import (
+    build_model,
+    check_same_config,
+    distributed,
+    param_groups,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
