@@ -1,4 +1,5 @@
-"""Activation capture on forward hooks (``capture``) and dataset-wide extraction to xarray / zarr (``extract``).
+"""Activation capture on forward hooks (``capture``) and dataset-wide extraction to xarray / zarr (``extract``; the
+fingerprinted, crash-consistent zarr store itself is ``repsim.store``).
 
 ``capture`` hooks named modules, pools their outputs and keeps them detached in a dict-like ``Activations`` that is
 refilled on every call of the model. A module called k > 1 times in one forward pass yields ``name#0`` ...
@@ -23,8 +24,11 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-from tqdm.auto import tqdm
 
+from repsim import store as zarr_store
+from repsim.progress import tqdm
+from repsim.shard import shard_batches, world
+from repsim.store import open_activations
 from repsim.types import POOLS, Pool
 
 Layout = Literal["auto", "NCHW", "NHWC"]
@@ -120,7 +124,9 @@ def pool_tensor(
             return t
         if pool == "cls":
             if num_prefix_tokens < 1:
-                raise ValueError(f"layer {name!r}: pool='cls' but the model has no class/prefix token (num_prefix_tokens=0)")
+                raise ValueError(
+                    f"layer {name!r}: pool='cls' but the model has no class/prefix token (num_prefix_tokens=0)"
+                )
             return t[:, 0]
         if pool == "mean":
             if t.shape[1] <= num_prefix_tokens:
@@ -138,7 +144,9 @@ def pool_tensor(
             f"layer {name!r}: pool={pool!r} is for token outputs, this output is a feature map {tuple(t.shape)}; "
             "use 'gap' or 'flatten'"
         )
-    raise ValueError(f"layer {name!r}: pool={pool!r} does not apply to an output of shape {tuple(t.shape)}; use 'flatten'")
+    raise ValueError(
+        f"layer {name!r}: pool={pool!r} does not apply to an output of shape {tuple(t.shape)}; use 'flatten'"
+    )
 
 
 def _channels_last(t: torch.Tensor, layout: Layout) -> bool:
@@ -155,7 +163,8 @@ def model_prefix_tokens(model: nn.Module) -> int:
     n = getattr(model, "num_prefix_tokens", None)
     if n is not None:
         return int(n)
-    if getattr(model, "cls_token", None) is None and getattr(getattr(model, "embeddings", None), "cls_token", None) is None:
+    embeddings = getattr(model, "embeddings", None)
+    if getattr(model, "cls_token", None) is None and getattr(embeddings, "cls_token", None) is None:
         return 0
     return 1 + int(getattr(getattr(model, "config", None), "num_register_tokens", 0) or 0)
 
@@ -230,7 +239,8 @@ def capture(
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            t = pool_tensor(output_tensor(output, name).detach(), pool, name=name, num_prefix_tokens=prefix, layout=layout)
+            t = output_tensor(output, name).detach()
+            t = pool_tensor(t, pool, name=name, num_prefix_tokens=prefix, layout=layout)
             acts._add(name, t if transform is None else transform(name, t))
 
         return hook
@@ -289,33 +299,6 @@ def _batch_dataset(acts: Mapping[str, torch.Tensor], labels: Any, start: int, n:
     return xr.Dataset(data, coords=coords)
 
 
-def _stored_samples(store: Path, attrs: Mapping[str, Any]) -> int:
-    """Samples safely on disk in ``store``: the shortest sample axis; longer arrays (a write cut short between
-    variables) are truncated to it so that the resume appends neither duplicates nor gaps. The store must come from
-    the same model and pooling (``attrs``)."""
-    import zarr
-
-    group = zarr.open_group(str(store), mode="r+")
-    stored = {k: group.attrs.get(k) for k in attrs}
-    if stored != dict(attrs):
-        raise ValueError(f"{store} holds an extraction with {stored}, not {dict(attrs)}; remove it or choose another path")
-    arrays = {k: a for k, a in group.arrays() if "sample" in _dims(a)}
-    if "sample" not in arrays:
-        raise ValueError(f"{store} is not a repsim extraction (no 'sample' array); remove it or choose another path")
-    n = min(a.shape[0] for a in arrays.values())
-    for a in arrays.values():
-        if a.shape[0] != n:
-            a.resize((n, *a.shape[1:]))
-    if not np.array_equal(arrays["sample"][:], np.arange(n)):
-        raise ValueError(f"{store}: the stored 'sample' coordinate is not 0..{n - 1}; cannot resume safely")
-    return n
-
-
-def _dims(array: Any) -> tuple[str, ...]:
-    """Dimension names of a zarr array written by xarray (zarr v3 metadata or the v2 ``_ARRAY_DIMENSIONS`` attr)."""
-    return tuple(getattr(array.metadata, "dimension_names", None) or array.attrs.get("_ARRAY_DIMENSIONS", ()))
-
-
 def extract(
     model: nn.Module,
     loader: Iterable[Any],
@@ -331,19 +314,26 @@ def extract(
     One variable per layer with dims ``(sample, <layer>:feature)`` (``pool="tokens"``: ``(sample, <layer>:token,
     <layer>:feature)``), a running ``sample`` index and, when the loader yields labels, a ``label`` coordinate.
     With ``store="x.zarr"`` each batch is appended to a zarr store as it is computed (memory stays one batch) and the
-    returned Dataset reads lazily from it. If the store already holds the first m samples (an interrupted run) those
-    are skipped, so re-running the same call completes it with no sample lost or duplicated; the loader must yield
-    samples in the same order (no shuffling).
+    returned Dataset reads lazily from it (see ``repsim.store``). The store records a fingerprint of the model, its
+    weights, the layers, the pooling and the data; if it already holds the first m samples of the same extraction
+    (an interrupted run) those are skipped, so re-running the same call completes it with no sample lost or
+    duplicated, and a store made by anything else is refused. The loader must yield samples in the same order.
     """
     path = None if store is None else Path(store)
+    names = resolve_layers(model, layers)
+    prefix = model_prefix_tokens(model) if num_prefix_tokens is None else int(num_prefix_tokens)
     attrs = {"pool": pool, "model": str(getattr(model, "name", type(model).__name__))}
+    fp: dict[str, Any] = {}
     done = 0
-    if path is not None and path.exists():
-        done = _stored_samples(path, attrs)
+    if path is not None:
+        fp = zarr_store.fingerprint(model, loader, layers=names, pool=pool, prefix_tokens=prefix)
+        done = zarr_store.resume(path, fp) if path.exists() else 0
+    rank, world_size = world()
+    if world_size > 1:
+        return _extract_sharded(model, loader, names, pool, prefix, attrs, path, fp, progress, rank, world_size)
     parts: list[xr.Dataset] = []
     start = 0
-    checked = False
-    with capture(model, layers, pool, num_prefix_tokens=num_prefix_tokens) as acts, torch.no_grad():
+    with capture(model, names, pool, num_prefix_tokens=prefix) as acts, torch.no_grad():
         for batch in tqdm(loader, desc="extract", unit="batch", disable=not progress):
             x, y = split_batch(batch)
             n = x.shape[0]
@@ -352,19 +342,16 @@ def extract(
                 continue
             model(prepare_input(x, model))
             ds = _batch_dataset(acts, y, start, n)
-            ds.attrs.update(attrs, layers=list(ds.data_vars))  # appends rewrite the store's attrs
+            ds.attrs.update(attrs, layers=list(ds.data_vars))
             if start < done:  # a batch straddling the resume point (different batch size than before)
                 ds = ds.isel(sample=slice(done - start, None))
             start += n
             if path is None:
                 parts.append(ds)
             elif not path.exists():
-                _first_write(ds, path)
+                zarr_store.create(path, ds, fp)
             else:
-                if not checked:
-                    _check_layers(path, ds)
-                    checked = True
-                ds.to_zarr(path, append_dim="sample", consolidated=False)
+                zarr_store.append(path, ds, fp)
     if path is not None:
         if not path.exists():
             raise ValueError("the loader yielded no samples")
@@ -374,21 +361,55 @@ def extract(
     return xr.concat(parts, dim="sample", combine_attrs="override")
 
 
-def open_activations(store: str | os.PathLike[str]) -> xr.Dataset:
-    """A zarr store written by ``extract``, read lazily, with its variables in layer order."""
-    ds = xr.open_zarr(store, consolidated=False, chunks=None)
-    return ds[list(ds.attrs.get("layers", ds.data_vars))]
+def _extract_sharded(model: nn.Module, loader: Iterable[Any], names: list[str], pool: Pool, prefix: int,
+                     attrs: Mapping[str, Any], path: Path | None, fp: Mapping[str, Any], progress: bool, rank: int,
+                     world_size: int) -> xr.Dataset:
+    """``extract`` under torchrun: batch ``i`` runs on rank ``i % world``; in each round the ranks' batches go to
+    rank 0 (all ranks without a store), which appends them in batch order, so the store equals one process's."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader
 
-
-def _first_write(ds: xr.Dataset, path: Path) -> None:
-    """Create the store; written under a temporary name and renamed, so a store that exists is a valid one."""
-    tmp = path.with_name(path.name + ".tmp")
-    encoding = {k: {"chunks": v.shape} for k, v in ds.variables.items() if "sample" in v.dims}
-    ds.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
-    os.replace(tmp, path)
-
-
-def _check_layers(path: Path, ds: xr.Dataset) -> None:
-    stored = xr.open_zarr(path, consolidated=False, chunks=None)
-    if set(stored.data_vars) != set(ds.data_vars):
-        raise ValueError(f"{path} holds layers {list(stored.data_vars)}, this extraction {list(ds.data_vars)}")
+    if not isinstance(loader, DataLoader) or loader.batch_sampler is None:
+        raise ValueError("extract under torchrun needs a torch DataLoader (without shuffle) to split into batches")
+    sizes = [len(b) for b in loader.batch_sampler]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    box = [zarr_store.resume(path, fp) if rank == 0 and path is not None and path.exists() else 0]
+    dist.broadcast_object_list(box, src=0)
+    done = int(box[0])
+    parts: list[xr.Dataset] = []
+    batches = shard_batches(loader, rank, world_size)
+    rounds = -(-len(sizes) // world_size)
+    with capture(model, names, pool, num_prefix_tokens=prefix) as acts, torch.no_grad():
+        for r in tqdm(range(rounds), desc="extract", unit="round", disable=not progress or rank != 0):
+            ds = None
+            if r * world_size + rank < len(sizes):
+                index, batch = next(batches)
+                start, n = int(starts[index]), sizes[index]
+                if start + n > done:
+                    x, y = split_batch(batch)
+                    model(prepare_input(x, model))
+                    ds = _batch_dataset(acts, y, start, n).assign_attrs(attrs, layers=list(names))
+                    if start < done:
+                        ds = ds.isel(sample=slice(done - start, None))
+            gathered: list[Any] = [None] * world_size
+            if path is None:
+                dist.all_gather_object(gathered, ds)
+            else:
+                dist.gather_object(ds, gathered if rank == 0 else None, dst=0)
+            for part in gathered if rank == 0 or path is None else ():
+                if part is None:
+                    continue
+                if path is None:
+                    parts.append(part)
+                elif not path.exists():
+                    zarr_store.create(path, part, fp)
+                else:
+                    zarr_store.append(path, part, fp)
+    dist.barrier()
+    if path is not None:
+        if not path.exists():
+            raise ValueError("the loader yielded no samples")
+        return open_activations(path)
+    if not parts:
+        raise ValueError("the loader yielded no samples")
+    return xr.concat(parts, dim="sample", combine_attrs="override")

@@ -260,7 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # --debug is accepted anywhere
+    parser = build_parser()
+    # --debug is accepted anywhere; key=value overrides may come before or after options (argparse alone stops at
+    # the first option after a positional list), so what it leaves over joins the overrides
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

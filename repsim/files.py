@@ -4,6 +4,7 @@ so a path that exists is complete (a crash or kill leaves the previous file or n
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,9 +53,10 @@ def load_torch(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} holds objects other than tensors and plain containers; repsim refuses to unpickle "
-                         f"them (they could run code): {first}") from None
+        found = re.search(r"Unsupported (global|operand)[^.]*", str(err))
+        what = found.group(0) if found else str(err).strip().splitlines()[-1] if str(err).strip() else "unpickling error"
+        raise ValueError(f"{path} holds objects other than tensors and plain containers ({what}); repsim refuses to "
+                         "unpickle them, since that could run code") from None
     except (EOFError, RuntimeError, OSError) as err:
         raise ValueError(f"{path} is truncated or not a torch checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -26,11 +27,23 @@ DTYPE_POLICY = "features centred in >=float32; Gram >=float32; Gram inner produc
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 def _as_matrix(x: Any, name: str, dtype: torch.dtype | None = None, check: bool = True) -> torch.Tensor:
-    """(n, ...) tensor/array -> (n, d) tensor with trailing dims flattened; rejects NaN/Inf naming ``name``."""
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    """(n, ...) tensor/array -> (n, d) tensor with trailing dims flattened, in ``dtype`` or at least float32 (integer
+    and bool inputs such as uint8 images are converted, so their Grams cannot overflow); rejects non-numeric and
+    complex data, a batch of 0 samples and (``check``) NaN/Inf, naming ``name``."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        a = np.asarray(x)
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"{name}: expected numbers, got an array of dtype {a.dtype}")
+        t = torch.as_tensor(a)
+    if t.is_complex():
+        raise ValueError(f"{name}: expected real numbers, got {t.dtype} (torch.view_as_real(x) gives both parts)")
     if t.ndim < 1:
         raise ValueError(f"{name}: expected an array of shape (n_samples, ...), got a scalar")
-    t = t.reshape(t.shape[0], -1)
+    if t.shape[0] == 0:
+        raise ValueError(f"{name}: a batch of 0 samples (shape {tuple(t.shape)}); CKA needs samples in every batch")
+    t = t.reshape(t.shape[0], math.prod(t.shape[1:]))
     if dtype is not None:
         t = t.to(dtype)
     elif not t.is_floating_point() or t.element_size() < 4:

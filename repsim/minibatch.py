@@ -236,10 +236,20 @@ class MinibatchCKA:
         return ds
 
 
+def _rows(name: str, value: Any) -> int:
+    shape = np.shape(value) if value is not None else ()
+    if not shape:
+        raise ValueError(f"{name}: expected activations of shape (n_samples, ...), got {type(value).__name__} "
+                         f"{value!r:.40}")
+    return int(shape[0])
+
+
 def _batch_size(acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None) -> int:
-    sizes = {k: int(np.shape(v)[0]) for k, v in acts_a.items()}
+    if not acts_a:
+        raise ValueError("update needs at least one layer")
+    sizes = {k: _rows(k, v) for k, v in acts_a.items()}
     if acts_b is not None:
-        sizes.update({f"b:{k}": int(np.shape(v)[0]) for k, v in acts_b.items()})
+        sizes.update({f"b:{k}": _rows(k, v) for k, v in acts_b.items()})
     if len(set(sizes.values())) != 1:
         raise ValueError(f"all layers (of both models) must have the same number of samples, got {sizes}")
     return next(iter(sizes.values()))

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import warnings
+
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import xarray as xr
 import zarr
 from torch import nn
 
-from repsim.capture import capture, extract, pool_tensor, resolve_layers
+from repsim.capture import capture, extract, open_activations, pool_tensor, resolve_layers
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +204,41 @@ def test_resumed_zarr_extraction_equals_uninterrupted(vit: nn.Module, tmp_path) 
     assert again.sizes["sample"] == 22
     with pytest.raises(ValueError, match="holds an extraction"):
         extract(vit, _loader(x, y, 6), store=store, layers="blocks.0", pool="mean", progress=False)
+
+
+def _tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0).eval()
+
+
+def _sharded_loader() -> torch.utils.data.DataLoader:
+    torch.manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(22, 3, 32, 32), torch.arange(22) % 3)
+    return torch.utils.data.DataLoader(data, batch_size=4)  # 6 batches: rank 0 takes 0, 2, 4; rank 1 takes 1, 3, 5
+
+
+def _extract_worker(rank: int, world: int, port: int, store: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        kw = dict(layers="blocks.*", pool="mean", progress=False)
+        extract(_tiny_vit(), _sharded_loader(), store=store, **kw)
+        in_memory = extract(_tiny_vit(), _sharded_loader(), **kw)  # every rank gets the whole Dataset
+        assert in_memory.sizes["sample"] == 22
+    finally:
+        dist.destroy_process_group()
+
+
+def test_extract_under_two_gloo_processes_equals_one_process(tmp_path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.spawn(_extract_worker, args=(2, port, str(tmp_path / "ddp.zarr")), nprocs=2, join=True)
+    single = extract(_tiny_vit(), _sharded_loader(), layers="blocks.*", pool="mean", progress=False).load()
+    sharded = open_activations(tmp_path / "ddp.zarr").load()
+    np.testing.assert_array_equal(sharded["sample"].values, np.arange(22))
+    np.testing.assert_array_equal(sharded["label"].values, single["label"].values)
+    for var in single.data_vars:
+        np.testing.assert_allclose(sharded[var].values, single[var].values, rtol=0, atol=1e-6)

@@ -124,3 +124,21 @@ def test_synthetic_data_is_deterministic_with_balanced_classes() -> None:
     torch.testing.assert_close(a[5][0], b[5][0])
     assert [a[i][1] for i in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
     assert not torch.equal(a[0][0], SyntheticPatterns(8, img_size=16, split="test")[0][0])
+
+
+def test_cka_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m repsim cka`: whole batches per process, rank 0 writes, same result."""
+    args = [*VIT, "--model-b", "test_vit", "--n-samples", "96", "--batch-size", "8", "--boot", "200"]
+    env = {**ENV, "OMP_NUM_THREADS": "1"}  # torchrun's default: the same kernels, hence the same bits, in both runs
+    single = subprocess.run([sys.executable, "-m", "repsim", "cka", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "repsim", "cka", *args, "--out", str(tmp_path / "two")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = repsim.load(tmp_path / "one" / "cka.nc"), repsim.load(tmp_path / "two" / "cka.nc")
+    assert (one.attrs["world_size"], two.attrs["world_size"]) == (1, 2)
+    assert one.attrs["n_samples"] == two.attrs["n_samples"] == 96 and two.attrs["n_batches"] == 12
+    for var in ("cka", "lower", "upper"):
+        np.testing.assert_allclose(two[var].values, one[var].values, rtol=0, atol=1e-12)

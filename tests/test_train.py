@@ -63,8 +63,9 @@ def test_beats_chance_and_writes_the_run_contract(data_root, tmp_path, flag, epo
     assert yaml.safe_load((rd / "config.yaml").read_text())["train"]["epochs"] == epochs
     split = json.loads((rd / "split.json").read_text())
     assert len(split["train"]) + len(split["val"]) + len(split["test"]) > 0
-    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "backbone_init.pt", "backbone_best.pt"):
+    for name in ("checkpoints/best.pt", "checkpoints/init.pt", "backbone_init.pt", "backbone_best.pt"):
         assert (rd / name).is_file(), name
+    assert not (rd / "checkpoints/last.pt").exists()  # a finished run is reused through summary.json, not resumed
     # CKA hand-off: the contract's rebuild gives the fine-tuned backbone, and it differs from the initial one
     rec = json.loads((rd / "model.json").read_text())
     assert rec["in_chans"] == 1 and rec["num_classes"] == 2
@@ -72,7 +73,7 @@ def test_beats_chance_and_writes_the_run_contract(data_root, tmp_path, flag, epo
                          in_chans=rec["in_chans"], **rec["kwargs"])
     init = models.create(rec["name"], checkpoint=rd / "backbone_init.pt", img_size=rec["img_size"],
                          in_chans=rec["in_chans"], **rec["kwargs"])
-    saved = torch.load(rd / "checkpoints/best.pt", weights_only=False)["model"]
+    saved = torch.load(rd / "checkpoints/best.pt", weights_only=True)["model"]
     for k, v in best.state_dict().items():
         torch.testing.assert_close(v, saved[f"backbone.{k}"])
     assert any(not torch.equal(v, init.state_dict()[k]) for k, v in best.state_dict().items())
@@ -127,7 +128,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_root, tmp_path) -> 
     spec = tmp_path / "resume.yaml"
     spec.write_text(yaml.safe_dump(medmnist_spec("breastmnist", TINY_VIT, epochs=3, patience=1)))
     full, killed = _cli(spec, data_root, tmp_path / "full"), _cli(spec, data_root, tmp_path / "killed")
-    metrics = tmp_path / "killed/breastmnist/breastmnist/lr0.001/seed0/metrics.jsonl"
+    metrics = tmp_path / "killed/breastmnist/lr0.001/seed0/metrics.jsonl"  # flat: <out>/<spec name>/lr/seed
     deadline = time.time() + 240
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
         assert killed.poll() is None and time.time() < deadline, "run ended before it could be killed"
@@ -143,8 +144,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_root, tmp_path) -> 
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in lines]
 
-    assert epochs(a) == epochs(b)
-    wa, wb = (torch.load(d / "checkpoints/last.pt", weights_only=False)["model"] for d in (a, b))
+    assert epochs(a) == epochs(b)  # every epoch's train loss and validation metrics, bit for bit
+    wa, wb = (torch.load(d / "checkpoints/best.pt", weights_only=True)["model"] for d in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -162,7 +163,7 @@ def test_ddp_two_gloo_processes_equal_one_process(data_root, tmp_path) -> None:
     assert (sa["world_size"], sb["world_size"]) == (1, 2)
     for k, v in sa["test"].items():
         assert sb["test"][k] == pytest.approx(v, abs=2e-3), k
-    wa, wb = (torch.load(d / "checkpoints/last.pt", weights_only=False)["model"] for d in (a, b))
+    wa, wb = (torch.load(d / "checkpoints/best.pt", weights_only=True)["model"] for d in (a, b))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
 
@@ -207,7 +208,7 @@ def test_knn_spec(data_root, tmp_path) -> None:
     spec = {**medmnist_spec("breastmnist"), "knn": {"k": 20, "temperature": 0.07, "batch_size": 256}}
     res = run(spec, data_root=data_root, out=tmp_path, kind="knn", progress=False)["breastmnist"]
     assert res["scenario"] == "knn" and 0 <= res["test"]["auc"]["mean"] <= 1
-    assert (tmp_path / "breastmnist/breastmnist/knn.json").is_file()
+    assert (tmp_path / "breastmnist/knn.json").is_file()
 
 
 def test_bad_input_gives_clear_errors(data_root, tmp_path) -> None:
@@ -231,7 +232,9 @@ def test_bad_input_gives_clear_errors(data_root, tmp_path) -> None:
     run(spec, data_root=data_root, out=tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"different config \(train.epochs\)"):
         run(spec, data_root=data_root, out=tmp_path, overrides=["train.epochs=2"])
-    (only_run(tmp_path) / "summary.json").unlink()
+    rd = only_run(tmp_path)
+    (rd / "summary.json").unlink()  # as if the run had been killed after an epoch
+    (rd / "checkpoints" / "last.pt").write_bytes(b"")
     with pytest.raises(FileExistsError, match="--resume"):
         run(spec, data_root=data_root, out=tmp_path, progress=False)
 

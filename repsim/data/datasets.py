@@ -8,6 +8,9 @@ optional group (patient or lesion), the task description and, where the data shi
 from __future__ import annotations
 
 import math
+import re
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -172,6 +175,35 @@ def _single_label_task(num_classes: int) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------- readers
+def read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of the ``.npz`` file ``path``, read in full; a file that is missing, truncated, corrupt,
+    not an ``.npz`` archive or holding pickled objects (never loaded) raises one line naming it and why."""
+    _require_file(path, "npz file")
+    try:
+        with open(path, "rb") as fh:
+            npz = np.load(fh, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise ValueError(f"{path} holds a single .npy array, not an .npz archive of named arrays")
+            with npz:
+                missing = [k for k in keys if k not in npz.files]
+                if missing:
+                    raise ValueError(f"{path}: missing arrays {missing}; it has {sorted(npz.files)}")
+                return {k: npz[k] for k in keys}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {_first_line(err)})") from None
+    except ValueError as err:
+        if "Object arrays" in str(err):
+            raise ValueError(f"{path} holds object arrays (pickled Python objects), which repsim never loads; "
+                             "store numeric arrays") from None
+        if "pickled" in str(err):  # numpy's guess for a file that is neither a zip archive nor .npy data
+            raise ValueError(f"{path} is not an .npz archive (neither zip nor .npy data)") from None
+        raise
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+
+
 def medmnist(root: Path, flag: str, size: int = 28) -> Source:
     """A MedMNIST ``{flag}.npz`` (``{flag}_{size}.npz`` for MedMNIST+) with its official train/val/test split.
 
@@ -180,8 +212,35 @@ def medmnist(root: Path, flag: str, size: int = 28) -> Source:
     if flag not in MEDMNIST:
         raise ValueError(f"unknown MedMNIST flag {flag!r}; known: {sorted(MEDMNIST)}")
     path = _require_file(root / (f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"), f"MedMNIST {flag}")
-    with np.load(path) as npz:
-        parts = {s: (npz[f"{s}_images"], npz[f"{s}_labels"]) for s in ("train", "val", "test")}
+    return _npz_source(path, flag, *MEDMNIST[flag])
+
+
+def medmnist_file(path: str | Path) -> Source:
+    """An ``.npz`` with MedMNIST's ``{train,val,test}_{images,labels}`` arrays, under any file name.
+
+    A file named after a MedMNIST flag (``breastmnist.npz``, ``breastmnist_64.npz``) gets that flag's classes and
+    task; any other is read as a single-label dataset whose classes are ``0..max(label)``.
+    """
+    path = Path(path)
+    match = re.fullmatch(r"([a-z]+)(?:_\d+)?", path.stem.lower())
+    if match and match.group(1) in MEDMNIST:
+        return _npz_source(path, match.group(1), *MEDMNIST[match.group(1)])
+    labels = read_npz(path, [f"{s}_labels" for s in ("train", "val", "test")])
+    flat = np.concatenate([v.reshape(len(v), -1) for v in labels.values()])
+    if flat.shape[1] != 1 or not np.issubdtype(flat.dtype, np.integer) or flat.size == 0 or flat.min() < 0:
+        raise ValueError(f"{path}: labels must be integers >= 0, one per image, to be read as a single-label "
+                         f"dataset (got {flat.dtype} labels of shape {flat.shape}); name a MedMNIST file after its "
+                         "flag (e.g. chestmnist.npz)")
+    num_classes = int(flat.max()) + 1
+    if num_classes < 2:
+        raise ValueError(f"{path}: every label is 0; a classification dataset needs at least 2 classes")
+    return _npz_source(path, path.stem, num_classes, "binary" if num_classes == 2 else "multiclass")
+
+
+def _npz_source(path: Path, name: str, num_classes: int, kind: str) -> Source:
+    """A MedMNIST-layout ``.npz`` as a Source with its official split; normalisation from the train split."""
+    arrays = read_npz(path, [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")])
+    parts = {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "val", "test")}
     images = np.concatenate([p[0] for p in parts.values()])
     if images.ndim == 3:
         channels = 1
@@ -190,8 +249,11 @@ def medmnist(root: Path, flag: str, size: int = 28) -> Source:
         images = images[..., 0] if channels == 1 else images
     else:
         raise ValueError(f"{path}: images of shape {images.shape} are neither (N, H, W) nor (N, H, W, 1|3)")
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}: images must be uint8 pixels, got {images.dtype}")
     labels = np.concatenate([p[1] for p in parts.values()])
-    num_classes, kind = MEDMNIST[flag]
+    if len(labels) != len(images):
+        raise ValueError(f"{path}: {len(labels)} labels for {len(images)} images")
     if kind == "multilabel":
         targets, task, metric = labels.astype(np.float32), "multilabel", "auc"
     else:
@@ -205,7 +267,7 @@ def medmnist(root: Path, flag: str, size: int = 28) -> Source:
     bounds = np.cumsum([len(p[0]) for p in parts.values()])
     official = {s: np.arange(lo, hi) for s, lo, hi in zip(parts, [0, *bounds[:2]], bounds)}
     ids = [f"{s}/{i}" for s in parts for i in range(len(parts[s][0]))]
-    info = DatasetInfo(flag, task, [str(c) for c in range(num_classes)], channels, metric, mean, std)
+    info = DatasetInfo(name, task, [str(c) for c in range(num_classes)], channels, metric, mean, std)
     return Source(images, targets, ids, info, official=official)
 
 
@@ -383,4 +445,5 @@ def with_channels(info: DatasetInfo, channels: int) -> DatasetInfo:
 
 
 __all__ = ["DatasetInfo", "Source", "ImageDataset", "READERS", "load_source", "with_channels", "medmnist",
-           "csv_images", "image_folder", "aptos2019", "isic2019", "chexpert", "cbis_ddsm", "nih_cxr14"]
+           "medmnist_file", "read_npz", "csv_images", "image_folder", "aptos2019", "isic2019", "chexpert", "cbis_ddsm",
+           "nih_cxr14"]

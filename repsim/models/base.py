@@ -17,6 +17,8 @@ from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
 from timm.models import adapt_input_conv
 from torch import nn
 
+from repsim.files import load_torch
+
 # containers that checkpoints commonly wrap a state dict in (timm/DeiT/BLIP: "model", Lightning: "state_dict")
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
 
@@ -214,7 +216,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path)
     while isinstance(state, Mapping):
         inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
         if inner is None:

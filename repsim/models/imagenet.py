@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from repsim.files import load_torch
+
 
 @dataclass(frozen=True)
 class PackagedWeights:
@@ -84,10 +86,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
 
     entry = PACKAGED[name]
     path = weights_file(name)
-    try:
-        source = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which one
-        raise ValueError(f"cannot read the {name} weights {path}: {err}") from None
+    source = load_torch(path)  # one-line errors naming the file (truncated, foreign, pickled objects)
     with torch.device("meta"):  # names and shapes only
         model = timm.create_model(entry.timm_name, num_classes=1000 if entry.has_classifier else 0)
     return map_by_order(source, model, origin=str(path))

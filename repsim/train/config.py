@@ -4,18 +4,22 @@ A spec is a YAML mapping with the blocks ``data``, ``model``, ``train`` and ``kn
 optional ``grid`` of dotted keys to lists; every combination of the grid becomes one run. A grid value that is a
 mapping is merged into the block it names (``data: [{dataset: aptos2019, root: APTOS2019}, ...]``). Overrides
 given on the command line are applied last, replace the value at their key (``model.kwargs={}`` empties it) and
-collapse a grid axis of the same key to that one value.
+collapse a grid axis of the same key to that one value. ``validate`` checks every resolved config in one pass
+(block shapes, known keys, types and ranges); the spec name and the run names become folders, so they must be slugs
+(``SLUG_RULE``).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
+import numbers
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -59,6 +63,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 KINDS = ("train", "knn")
+BLOCKS = ("data", "model", "train", "knn")
+# a name that becomes a folder under --out: no separators, no "..", not absolute, not hidden
+SLUG = re.compile(r"[A-Za-z0-9_+=][A-Za-z0-9._+=-]*")
+SLUG_RULE = "letters, digits and . _ - + = only, not starting with . or -"
+_SCIENTIFIC = re.compile(r"[-+]?\d*\.?\d+[eE][-+]?\d+")
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,14 +100,33 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if item.startswith("-"):
+            raise ValueError(f"{item!r} is not a KEY=VALUE override (an unknown option?)")
+        if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not key=value")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
         # YAML 1.1 reads "1e-3" as a string; numbers in scientific notation are what users mean here.
-        if isinstance(value, str) and re.fullmatch(r"[-+]?\d*\.?\d+[eE][-+]?\d+", value):
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value):
             value = float(value)
         out[key.strip()] = value
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (line and column), without the parser's source name."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def check_slug(name: Any, what: str) -> str:
+    """``name`` if it can name a folder under the output folder (see ``SLUG_RULE``), else a ValueError."""
+    if not isinstance(name, str) or not SLUG.fullmatch(name):
+        raise ValueError(f"{what} {name!r} cannot name an output folder: use {SLUG_RULE}")
+    return name
 
 
 def spec_path(name: str | Path) -> Path:
@@ -117,14 +145,22 @@ def packaged_specs() -> list[str]:
 
 
 def load_spec(spec: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """A spec as a dict (from a mapping, a YAML file or a packaged spec name)."""
+    """A spec as a dict (from a mapping, a YAML file or a packaged spec name). A file is checked at once (every grid
+    point, except for required keys that overrides may still supply), so its errors name it."""
     if isinstance(spec, Mapping):
         return copy.deepcopy(dict(spec))
     path = spec_path(spec)
-    doc = yaml.safe_load(path.read_text())
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: a spec must be a YAML mapping")
+        raise ValueError(f"{path}: a spec must be a YAML mapping, got {type(doc).__name__}")
     doc.setdefault("name", path.stem)
+    try:
+        _points(doc, {}, require=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return doc
 
 
@@ -151,21 +187,14 @@ def _grids(spec_grid: Any) -> list[dict[str, list]]:
     return [dict(g) for g in grids]
 
 
-def expand(spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """Resolved ``(run name, config)`` for every grid combination of ``spec`` with ``overrides`` applied.
-
-    ``grid`` may be a list of grids (their union: e.g. baselines with one head, foundation models with two). A run
-    is named by its values on all axes of its grid (stable when an override collapses an axis); duplicates are
-    dropped.
-    """
+def _points(spec: Mapping[str, Any], overrides: Mapping[str, Any], *,
+            require: bool = True) -> list[tuple[dict[str, str], dict[str, Any]]]:
+    """``(labels per grid axis, validated config)`` of every grid combination of ``spec`` with ``overrides``."""
     spec = dict(spec)
-    overrides = dict(overrides or {})
     grids = _grids(spec.pop("grid", None))
-    unknown = sorted(set(spec) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown spec keys {unknown}; expected {sorted(DEFAULTS)} and grid")
     base = deep_merge(DEFAULTS, spec)
-    points: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    validate(base, overrides=(), require=False)  # the blocks are mappings before grid values are merged into them
+    points = []
     for grid in grids:
         axes = {k: ([overrides[k]] if k in overrides else v) for k, v in grid.items()}
         for combo in itertools.product(*axes.values()):
@@ -174,10 +203,24 @@ def expand(spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) 
                 set_dotted(cfg, key, value, merge=True)
             for key, value in overrides.items():
                 set_dotted(cfg, key, value)
-            validate(cfg)
-            points.append(({k: _label(k, v) for k, v in zip(axes, combo)}, cfg))
+            validate(cfg, overrides=overrides, require=require)
+            labels = {k: _label(k, v) for k, v in zip(axes, combo)}
+            for key, label in labels.items():
+                origin = f"override {key}" if key in overrides else f"grid axis {key}"
+                check_slug(label, f"{origin}: run name part")
+            points.append((labels, cfg))
+    return points
+
+
+def expand(spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Resolved ``(run name, config)`` for every grid combination of ``spec`` with ``overrides`` applied.
+
+    ``grid`` may be a list of grids (their union: e.g. baselines with one head, foundation models with two). A run
+    is named by its values on all axes of its grid (stable when an override collapses an axis); duplicates are
+    dropped. Every name is a slug (``SLUG_RULE``): it becomes a folder under the output folder.
+    """
     runs: dict[str, dict[str, Any]] = {}
-    for labels, cfg in points:
+    for labels, cfg in _points(spec, dict(overrides or {})):
         name = "__".join(labels.values()) or cfg["name"]
         if name in runs and runs[name] != cfg:
             raise ValueError(f"two different runs are both named {name!r}; make their grid values distinguishable")
@@ -197,20 +240,92 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") ->
     return out
 
 
-def validate(cfg: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first thing wrong in a resolved config."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# dotted key -> (check, what the value must be); None is allowed where the rule says "or null"
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.img_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.split_seed": (_is_int, "an integer"),
+    "model.pretrained": (lambda v: isinstance(v, bool), "true or false"),
+    "model.kwargs": (lambda v: v is None or isinstance(v, Mapping), "a mapping"),
+    "model.classifier": (lambda v: v is None or isinstance(v, Mapping), "a mapping"),
+    "model.checkpoint": (lambda v: v is None or isinstance(v, str), "a file path or null"),
+    "model.freeze_blocks": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null"),
+    "model.decapitate": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),
+    "train.epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.eval_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),
+    "train.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "train.lr_grid": (lambda v: v is None or (isinstance(v, list) and len(v) > 0
+                                             and all(_is_number(x) and x > 0 for x in v)),
+                      "a non-empty list of numbers > 0, or null"),
+    "train.seed": (_is_int, "an integer"),
+    "train.seeds": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "train.warmup_epochs": (lambda v: v is None or (_is_number(v) and v >= 0), "a number >= 0 or null"),
+    "train.warmup_iters": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null"),
+    "train.patience": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.max_plateaus": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.grad_clip": (lambda v: v is None or (_is_number(v) and v >= 0), "a number >= 0 or null"),
+    "train.amp": (lambda v: isinstance(v, bool), "true or false"),
+    "train.num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "train.device": (lambda v: isinstance(v, str), "a device name"),
+    "train.metric": (lambda v: v is None or isinstance(v, str), "a metric name or null"),
+    "train.cache_frozen": (lambda v: isinstance(v, bool), "true or false"),
+    "knn.k": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "knn.temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "knn.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def validate(cfg: Mapping[str, Any], *, overrides: Collection[str] = (), require: bool = True) -> None:
+    """Raise a one-line ``ValueError`` naming the key and value of the first thing wrong in a resolved config: block
+    shapes, unknown keys, types and ranges, output names. A key set by one of ``overrides`` is reported as that
+    override's. ``require=False`` skips the keys a spec may leave to overrides (``model.name``, ``data.dataset``)."""
+
+    def fail(key: str, text: str) -> NoReturn:
+        origin = next((k for k in overrides if key == k or key.startswith(k + ".") or k.startswith(key + ".")),
+                      None)
+        raise ValueError(f"override {origin}: {text}" if origin else text)
+
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        fail(unknown[0], f"unknown spec keys {unknown}; expected {sorted(DEFAULTS)} and grid")
+    for block in BLOCKS:
+        if not isinstance(cfg[block], Mapping):
+            fail(block, f"spec key {block!r} must be a mapping, got {type(cfg[block]).__name__}")
     if cfg["kind"] not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {cfg['kind']!r}")
-    if not cfg["model"].get("name"):
-        raise ValueError("model.name is required")
-    if "dataset" not in cfg["data"]:
-        raise ValueError("data.dataset is required")
-    if cfg["model"]["scenario"] not in SCENARIOS:
-        raise ValueError(f"unknown scenario {cfg['model']['scenario']!r}; expected one of {', '.join(SCENARIOS)}")
+        fail("kind", f"kind must be one of {KINDS}, got {cfg['kind']!r}")
+    try:
+        check_slug(cfg["name"], "spec name")
+    except ValueError as err:
+        fail("name", str(err))
     for block in ("model", "train", "knn"):
         unknown = sorted(set(cfg[block]) - set(DEFAULTS[block]))
         if unknown:
-            raise ValueError(f"unknown {block} keys {unknown}; expected {sorted(DEFAULTS[block])}")
-    t = cfg["train"]
-    if t["batch_size"] < 1 or t["epochs"] < 1 or t["seeds"] < 1:
-        raise ValueError("train.batch_size, train.epochs and train.seeds must be >= 1")
+            fail(f"{block}.{unknown[0]}", f"unknown {block} keys {unknown}; expected {sorted(DEFAULTS[block])}")
+    for key, what in (("model.name", "a model name"), ("data.dataset", "a dataset name")):
+        block, leaf = key.split(".")
+        value = cfg[block].get(leaf)
+        if value is None and require:
+            fail(key, f"{key} is required")
+        if value is not None and not (isinstance(value, str) and value):
+            fail(key, f"{key} must be {what}, got {value!r}")
+    if cfg["model"]["scenario"] not in SCENARIOS:
+        fail("model.scenario",
+             f"unknown scenario {cfg['model']['scenario']!r}; expected one of {', '.join(SCENARIOS)}")
+    for key, (check, what) in _RULES.items():
+        block, leaf = key.split(".")
+        if leaf not in cfg[block]:
+            continue
+        value = cfg[block][leaf]
+        if not check(value):
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and \
+                _SCIENTIFIC.fullmatch(value) else ""
+            fail(key, f"{key} must be {what}, got {value!r}{hint}")

@@ -2,7 +2,7 @@
 
 Layout under ``out``::
 
-    <out>/<spec name>/<grid point>/lr<lr>/seed<k>/   one run directory (see repsim.train.loop)
+    <out>/<spec name>/<grid point>/lr<lr>/seed<k>/   one run directory (repsim.train.runs; no grid: no <grid point>)
     <out>/<spec name>/<grid point>/results.json      selected LR, LR search, test metrics mean/std over seeds
     <out>/<spec name>/<grid point>/knn.json          k-NN metrics (kind: knn)
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ import torch
 import yaml
 
 from repsim.data import prepare
-from repsim.knn import knn_evaluate
-from repsim.train.config import expand, load_spec, parse_overrides
 from repsim.files import write_text
+from repsim.knn import knn_evaluate
+from repsim.train.config import check_slug, expand, load_spec, parse_overrides
 from repsim.train.loop import train
 from repsim.train.runs import run_dir
 from repsim.train.utils import build_model, check_same_config, distributed, pick_device
@@ -85,8 +86,28 @@ def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path 
                "iterations_to_best": stats([s["iterations_to_best"] for s in summaries]),
                "inference_ms_per_image": stats([s["inference_ms_per_image"] for s in summaries])}
     if distributed()[0] == 0:
+        _warn_if_replacing(exp_dir / "results.json", results)
         write_text(exp_dir / "results.json", json.dumps(results, indent=2))
     return results
+
+
+def _warn_if_replacing(path: Path, results: Mapping[str, Any]) -> None:
+    """Warn when ``path`` holds results of another LR or LR grid: they are replaced, which should not go unseen."""
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        warnings.warn(f"replacing {path}, which is not valid JSON", UserWarning, stacklevel=3)
+        return
+    changes = []
+    if old.get("lr") != results["lr"]:
+        changes.append(f"lr {old.get('lr')} -> {results['lr']:g}")
+    if list(old.get("lr_search") or {}) != list(results["lr_search"]):
+        changes.append(f"LR search over {list(old.get('lr_search') or {}) or 'none'} -> "
+                       f"{list(results['lr_search']) or 'none'}")
+    if changes:
+        warnings.warn(f"replacing {path} ({'; '.join(changes)})", UserWarning, stacklevel=3)
 
 
 def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None = None) -> dict[str, Any]:
@@ -109,21 +130,35 @@ def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None 
     return result
 
 
+def experiment_dir(out: str | Path, spec_name: str, point: str | None) -> Path:
+    """``out/<spec_name>/<point>`` (``out/<spec_name>`` for a spec without a grid): both names slugs, the folder
+    (symbolic links resolved) inside ``out``."""
+    exp_dir = Path(out) / check_slug(spec_name, "spec name")
+    if point is not None:
+        exp_dir = exp_dir / check_slug(point, "run name")
+    if not exp_dir.resolve().is_relative_to(Path(out).resolve()):
+        raise ValueError(f"experiment folder {exp_dir} resolves to {exp_dir.resolve()}, outside --out {out}")
+    return exp_dir
+
+
 def run(spec: str | Path | Mapping[str, Any], *, data_root: str | Path | None = None, out: str | Path = "runs",
         overrides: Iterable[str] | Mapping[str, Any] = (), resume: bool = False, kind: str | None = None,
         progress: bool = True) -> dict[str, dict[str, Any]]:
     """Run every experiment of ``spec`` (file, packaged name or dict); returns ``{grid point: results}``.
 
     ``overrides`` are ``"key=value"`` strings or a ``{dotted key: value}`` mapping; ``kind`` forces train or knn.
+    Every experiment folder is ``out/<spec name>/<grid point>`` (``out/<spec name>`` without a grid), checked to lie
+    inside ``out``.
     """
     spec = load_spec(spec)
     if kind is not None:
         spec["kind"] = kind
     parsed = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    root = Path(out) / spec.get("name", "run")
+    grid = bool(spec.get("grid"))  # a spec without a grid is one experiment: out/<name>/lr<lr>/seed<k>
+    points = [(name, cfg, experiment_dir(out, cfg["name"], name if grid else None))
+              for name, cfg in expand(spec, parsed)]
     results = {}
-    for name, cfg in expand(spec, parsed):
-        exp_dir = root / name
+    for name, cfg, exp_dir in points:
         if cfg["kind"] == "knn":
             results[name] = run_knn(cfg, exp_dir, data_root=data_root)
         else:
