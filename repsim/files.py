@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` for a temporary sibling of ``path``, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +53,11 @@ def load_torch(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported (global|operand)[^.]*", str(err))
-        what = found.group(0) if found else str(err).strip().splitlines()[-1] if str(err).strip() else "unpickling error"
+        found = re.search(r"Unsupported (global|operand)[^.\n]*", str(err))
+        what = found.group(0) if found else "an object torch's safe loader does not accept"
+        if found and found.group(1) == "operand":
+            raise ValueError(f"{path} is not a torch.save file that can be read safely ({what}: a plain pickle or "
+                             "another format); repsim reads checkpoints with weights_only=True only") from None
         raise ValueError(f"{path} holds objects other than tensors and plain containers ({what}); repsim refuses to "
                          "unpickle them, since that could run code") from None
     except (EOFError, RuntimeError, OSError) as err:
