@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import repsim
 
 LAYERS = [f"blocks.{i}" for i in range(12)]
-DEFAULT_DATA = Path(os.environ.get("REPSIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "medmnist" / "retinamnist.npz"
+DATA_ROOT = Path(os.environ.get("REPSIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DEFAULT_DATA = DATA_ROOT / "medmnist" / "retinamnist.npz"
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -99,7 +100,8 @@ def song_hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     kt = k - torch.diag_embed(torch.diagonal(k, dim1=-2, dim2=-1))
     lt = l - torch.diag_embed(torch.diagonal(l, dim1=-2, dim2=-1))
     tr = (kt * lt).sum((-2, -1))
-    return (tr + kt.sum((-2, -1)) * lt.sum((-2, -1)) / ((n - 1) * (n - 2)) - 2 / (n - 2) * (kt.sum(-1) * lt.sum(-1)).sum(-1)) / (n * (n - 3))
+    return (tr + kt.sum((-2, -1)) * lt.sum((-2, -1)) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (kt.sum(-1) * lt.sum(-1)).sum(-1)) / (n * (n - 3))
 
 
 def reference(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
@@ -120,7 +122,8 @@ def reference(ma: nn.Module, mb: nn.Module, loader: DataLoader) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ main
 def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, ["-" * w for w in widths], *rows])
+    return "\n".join(" | ".join(c.ljust(w) for c, w in zip(r, widths))
+                     for r in [header, ["-" * w for w in widths], *rows])
 
 
 def main() -> None:
@@ -161,11 +164,13 @@ def main() -> None:
         wall, cpu = float(np.median([r[0] for r in rs])), float(np.median([r[1] for r in rs]))
         first, later = rs[0][2], min(r[2] for r in rs[1:]) if len(rs) > 1 else float("nan")
         rows.append([name, f"{wall:.2f}", f"{min(r[0] for r in rs):.2f}-{max(r[0] for r in rs):.2f}",
-                     f"{wall / wall_fwd:.3f}x", f"{cpu:.2f}", f"{cpu / cpu_fwd:.3f}x", f"{first:.0f} / {later:.0f}", err])
+                     f"{wall / wall_fwd:.3f}x", f"{cpu:.2f}", f"{cpu / cpu_fwd:.3f}x", f"{first:.0f} / {later:.0f}",
+                     err])
     peak = matmul_peak(args.threads)
     print(
-        f"ViT-Tiny x2 (random init), {args.img_size} px, {len(LAYERS)} blocks, tokens flattened, N={args.n} RetinaMNIST,"
-        f" batch {args.batch_size}, {args.threads} threads, medians of {args.repeats} interleaved runs; fp32 matmul "
+        f"ViT-Tiny x2 (random init), {args.img_size} px, {len(LAYERS)} blocks, tokens flattened, "
+        f"N={args.n} RetinaMNIST, batch {args.batch_size}, {args.threads} threads, medians of {args.repeats} "
+        "interleaved runs; fp32 matmul "
         f"peak in this run: {peak:.0f} GFLOP/s\n"
     )
     header = ["contestant", "wall s", "range s", "vs fwd", "CPU s", "vs fwd", "RSS growth MB 1st/later",

@@ -210,7 +210,8 @@ def train(args: argparse.Namespace) -> int:
     results = run(args.spec, data_root=args.data_root, out=args.out, overrides=overrides, resume=args.resume,
                   kind=args.kind)
     for name, r in results.items():
-        print(f"{name}: test {r['metric']} = {r['test'][r['metric']]['mean']:.4f} ± {r['test'][r['metric']]['std']:.4f}")
+        stat = r["test"][r["metric"]]
+        print(f"{name}: test {r['metric']} = {stat['mean']:.4f} ± {stat['std']:.4f}")
     return 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +76,7 @@ def _model_name(model: nn.Module, fallback: str) -> str:
 
 def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str]], loader: Iterable[Any], *,
                   pool: Mapping[str, Pool], estimator: Estimator, progress: bool, desc: str, rank: int, world_size: int
-                  ) -> Iterator[tuple[int, int, dict[str, Mapping[str, torch.Tensor]]]]:
+                  ) -> Generator[tuple[int, int, dict[str, Mapping[str, torch.Tensor]]], None, None]:
     """Yield ``(batch index, n, {tag: {layer: gram_vector}})`` for this process's batches, each model run once with
     Grams formed in its hooks. Consume it inside ``contextlib.closing`` so the hooks go as soon as the consumer
     stops, even on an error."""
@@ -99,7 +99,7 @@ def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str
                                  disable=not progress or rank != 0):
             x, _ = split_batch(batch)
             batch_n[0] = int(x.shape[0])
-            for tag, m in models.items():
+            for m in models.values():
                 m(prepare_input(x, m))
             yield index, batch_n[0], {tag: dict(a) for tag, a in acts.items()}
 
@@ -112,7 +112,8 @@ def _finish(engine: MinibatchCKA, bootstrap: Bootstrap | None, world_size: int, 
         raise ValueError("the loader yielded no batches")
     ds = engine.compute().to_dataset() if bootstrap is None else engine.bootstrap(
         bootstrap.n_boot, bootstrap.ci, bootstrap.seed)
-    meta = {**ds["cka"].attrs, **ds.attrs, **{k: v for k, v in attrs.items() if v is not None}, "world_size": world_size}
+    given = {k: v for k, v in attrs.items() if v is not None}
+    meta = {**ds["cka"].attrs, **ds.attrs, **given, "world_size": world_size}
     for var in ds.data_vars:
         ds[var].attrs = {}
     return ds.assign_attrs(meta)
@@ -216,8 +217,10 @@ def compare_many(models: Mapping[str, nn.Module], loader: Iterable[Any], *,
     if device is not None:
         for m in models.values():
             m.to(device)
-    spec = {k: (layers[k] if isinstance(layers, Mapping) else layers) for k in models}
-    resolved = {k: resolve_layers(m, default_layers(m) if spec[k] is None else spec[k]) for k, m in models.items()}
+    resolved: dict[str, list[str]] = {}
+    for k, m in models.items():
+        spec = layers[k] if isinstance(layers, Mapping) else layers
+        resolved[k] = resolve_layers(m, default_layers(m) if spec is None else spec)
     pools = {k: (pool[k] if isinstance(pool, Mapping) else pool) for k in models}
     rank, world_size = process_world()
     engine = MinibatchCKA(estimator=estimator, label_a=", ".join(models), keep_batches=boot is not None)
@@ -264,17 +267,20 @@ def cka_matrix(ds_a: xr.Dataset | str | os.PathLike[str], ds_b: xr.Dataset | str
         if b.sizes.get("sample") != n:
             raise ValueError(f"ds_a has {n} samples but ds_b has {b.sizes.get('sample')}; CKA needs the same samples "
                              "in both")
-        if "sample" in a.coords and "sample" in b.coords and not np.array_equal(a["sample"].values, b["sample"].values):
-            raise ValueError("ds_a and ds_b hold different 'sample' coordinates (not the same samples in the same order)")
-    default = (str(a.attrs.get("model", "a")), str(a.attrs.get("model", "a") if b is None else b.attrs.get("model", "b")))
+        if ("sample" in a.coords and "sample" in b.coords
+                and not np.array_equal(a["sample"].values, b["sample"].values)):
+            raise ValueError("ds_a and ds_b hold different 'sample' coordinates (not the same samples in the same "
+                             "order)")
+    model_a = str(a.attrs.get("model", "a"))
+    default = (model_a, model_a if b is None else str(b.attrs.get("model", "b")))
     label_a, label_b = _labels(labels, default)
     engine = MinibatchCKA(estimator=estimator, label_a=label_a, label_b=None if b is None else label_b,
                           keep_batches=boot is not None)
     bounds = np.linspace(0, n, math.ceil(n / batch_size) + 1).round().astype(int)
     for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="cka", unit="batch", disable=not progress):
         rows = slice(lo, hi)
-        ga = {v: gram_vector(a[v].isel(sample=rows).values, name=f"a:{v}", estimator=estimator) for v in vars_a}
-        gb = None if b is None else {v: gram_vector(b[v].isel(sample=rows).values, name=f"b:{v}",
+        ga = {str(v): gram_vector(a[v].isel(sample=rows).values, name=f"a:{v}", estimator=estimator) for v in vars_a}
+        gb = None if b is None else {str(v): gram_vector(b[v].isel(sample=rows).values, name=f"b:{v}",
                                                     estimator=estimator) for v in vars_b or []}
         engine.update_grams(ga, gb, n=int(hi - lo))
     return _finish(engine, boot, 1)

@@ -94,7 +94,8 @@ def centre_gram(k: torch.Tensor, estimator: Estimator, *, inplace: bool = False)
 
 
 def linear_gram(x: torch.Tensor) -> torch.Tensor:
-    """Gram of feature-centred ``x`` (n, d) in its own dtype; centring first is exact for HSIC and avoids cancellation."""
+    """Gram of feature-centred ``x`` (n, d) in its own dtype; centring first is exact for HSIC and avoids
+    cancellation."""
     return symmetric_product(x - x.mean(0, keepdim=True))
 
 
@@ -181,7 +182,8 @@ def _stack64(vecs: Mapping[str, torch.Tensor], names: Sequence[str], n: int, out
     for i, key in enumerate(names):
         v = vecs[key]
         if v.ndim != 1 or v.shape[0] != n * n:
-            raise ValueError(f"{key}: expected a gram_vector of length {n * n} for a batch of {n}, got shape {tuple(v.shape)}")
+            raise ValueError(f"{key}: expected a gram_vector of length {n * n} for a batch of {n}, "
+                             f"got shape {tuple(v.shape)}")
         out[i].copy_(v)
     return out
 
@@ -195,7 +197,8 @@ def _hsic_norm(n: int, estimator: Estimator) -> float:
     return float(n * (n - 3)) if estimator == "unbiased" else float((n - 1) ** 2)
 
 
-def _ratio(cross: np.ndarray, diag_a: np.ndarray, diag_b: np.ndarray, names_a: Sequence[str], names_b: Sequence[str]) -> np.ndarray:
+def _ratio(cross: np.ndarray, diag_a: np.ndarray, diag_b: np.ndarray, names_a: Sequence[str],
+           names_b: Sequence[str]) -> np.ndarray:
     """cross / sqrt(diag_a diag_b^T), NaN (with a warning naming the layer) where a self-HSIC is not positive."""
     bad = [(n, v) for n, v in zip(list(names_a) + list(names_b), np.concatenate([diag_a, diag_b])) if not v > 0]
     if bad:
@@ -208,5 +211,6 @@ def _ratio(cross: np.ndarray, diag_a: np.ndarray, diag_b: np.ndarray, names_a: S
             stacklevel=3,
         )
     with np.errstate(invalid="ignore", divide="ignore"):
-        denom = np.sqrt(np.where(diag_a > 0, diag_a, np.nan))[:, None] * np.sqrt(np.where(diag_b > 0, diag_b, np.nan))[None, :]
+        root_a, root_b = np.sqrt(np.where(diag_a > 0, diag_a, np.nan)), np.sqrt(np.where(diag_b > 0, diag_b, np.nan))
+        denom = root_a[:, None] * root_b[None, :]
         return cross / denom

@@ -21,7 +21,8 @@ import xarray as xr
 from repsim.gram import DTYPE_POLICY, _check_n, _hsic_norm, _ratio, _sq_norms, _stack64, check_estimator, gram_vector
 from repsim.types import Estimator
 
-BATCH_WEIGHTING = "each batch's HSIC is normalised by its own size (1/(n(n-3)) or 1/(n-1)^2) and batches averaged equally"
+BATCH_WEIGHTING = ("each batch's HSIC is normalised by its own size (1/(n(n-3)) or 1/(n-1)^2) and batches "
+                   "averaged equally")
 # accumulated state -> how processes combine it: "sum" (tensors added), "cat" (per-batch records concatenated in
 # batch-index order, so a sharded run keeps the batches of one process in the same order)
 STATE: dict[str, str] = {"cross": "sum", "diag_a": "sum", "diag_b": "sum", "counts": "sum", "batches": "cat"}

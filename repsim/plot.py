@@ -33,6 +33,14 @@ class ReprFigure(Figure):
         return buf.getvalue()
 
 
+def _figure(ax: Axes) -> Figure:
+    """The figure ``ax`` is drawn in."""
+    fig = ax.get_figure(root=True)
+    if fig is None:
+        raise ValueError("ax is not part of a matplotlib figure")
+    return fig
+
+
 def _wrap(text: str, fig: Figure, fraction: float = 1.0, fontsize: float = 9) -> str:
     """``text`` wrapped to the width of ``fraction`` of ``fig`` (about 0.6 em per character), line by line."""
     chars = max(12, int(fig.get_figwidth() * fraction * 72 / (0.6 * fontsize)))
@@ -46,7 +54,8 @@ def short_labels(names: Sequence[str]) -> list[str]:
     if names and all("/" in n for n in names):
         models = [n.split("/", 1)[0] for n in names]
         layers = [n.split("/", 1)[1] for n in names]
-        short = {m: iter(short_labels([lay for mm, lay in zip(models, layers) if mm == m])) for m in dict.fromkeys(models)}
+        short = {m: iter(short_labels([lay for mm, lay in zip(models, layers) if mm == m]))
+                 for m in dict.fromkeys(models)}
         return [f"{m}/{next(short[m])}" for m in models]
     if len(names) < 2:
         return names
@@ -132,8 +141,7 @@ def heatmap(
     if ax is None:
         cell = 0.55 if annotate == "ci" else 0.35
         size = (1.8 + cell * max(6, da.sizes["layer_b"]), 1.4 + cell * 0.85 * max(6, da.sizes["layer_a"]))
-        fig = ReprFigure(figsize=size, layout="constrained")
-        ax = fig.add_subplot()
+        ax = ReprFigure(figsize=size, layout="constrained").add_subplot()
     sns.heatmap(
         np.asarray(da.values, dtype=float), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=cbar,
         cbar_kws={"label": "CKA"} if cbar else None, annot=_cells(da, width, annotate), fmt="",
@@ -150,7 +158,7 @@ def heatmap(
     text = default_title(da) if title is None else title
     if CELLS[annotate]:
         text = f"{text}\n({CELLS[annotate]})" if text else f"({CELLS[annotate]})"
-    fig = ax.get_figure(root=True)
+    fig = _figure(ax)
     share = ax.get_position().width if ax.get_position().width < 1 else 1.0
     ax.set_title(_wrap(text, fig, share, 9), fontsize=9)
     return fig
@@ -211,8 +219,7 @@ def diagonal(
     as much as two unrelated trainings differ.
     """
     if ax is None:
-        fig = ReprFigure(figsize=(5.0, 3.4), layout="constrained")
-        ax = fig.add_subplot()
+        ax = ReprFigure(figsize=(5.0, 3.4), layout="constrained").add_subplot()
     if null is not None:
         rows = np.array([_diag(d) for d in ([null] if isinstance(null, (xr.Dataset, xr.DataArray)) else null)])
         x = np.arange(rows.shape[1])
@@ -233,7 +240,7 @@ def diagonal(
         ax.plot(x, mean, marker="o", color=f"C{i}", label=f"{label} ({what})" if what else label)
     ax.set(xlabel=xlabel, ylabel="CKA(before, after)", ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
     ax.legend(fontsize=7)
-    fig = ax.get_figure(root=True)
+    fig = _figure(ax)
     if title:
         ax.set_title(_wrap(title, fig, ax.get_position().width, 9), fontsize=9)
     return fig

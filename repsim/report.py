@@ -75,7 +75,8 @@ def _tables(root: Path) -> str:
     if (root / "tables.md").exists():
         return markdown_to_html((root / "tables.md").read_text())
     if any(next(root.rglob(n), None) for n in RESULT_FILES):
-        return "<h2>Results (test split, mean ± std over seeds)</h2>" + markdown_to_html(markdown_table(collect([root])))
+        return ("<h2>Results (test split, mean ± std over seeds)</h2>"
+                + markdown_to_html(markdown_table(collect([root]))))
     if (root / "summary.json").exists():
         s = json.loads((root / "summary.json").read_text())
         rows = [("dataset", s["dataset"]), ("model", s["model"]), ("scenario", s["scenario"]), ("lr", s["lr"]),
@@ -85,7 +86,8 @@ def _tables(root: Path) -> str:
                 *((f"test {k}", f"{v:.4f}") for k, v in s["test"].items())]
         return "<h2>Run summary (test metrics of the best checkpoint)</h2>" + markdown_to_html(
             "| | |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows))
-    return '<h2>Results</h2><p class="note">No summary.json, results.json or tables.md here (the run has not finished).</p>'
+    return ('<h2>Results</h2><p class="note">No summary.json, results.json or tables.md here (the run has not '
+            'finished).</p>')
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -150,31 +152,25 @@ def _figures(root: Path) -> str:
 
 def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
     """Heatmap of a trainer run's backbone blocks before vs after fine-tuning on its test split."""
-    import torch
     import yaml
     from torch.utils.data import DataLoader, Subset
 
-    from repsim.compare import compare
-    from repsim.data import prepare
-    from repsim.models import create
+    from repsim.compare import Bootstrap, compare
+    from repsim.data import near_equal_batches, prepare
     from repsim.plot import heatmap
+    from repsim.train.runs import load_run
 
-    record = json.loads((run / "model.json").read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     test = prepare(cfg["data"], data_root).datasets["test"]
     subset = Subset(test, range(min(n_samples, len(test))))
-    loader = DataLoader(subset, batch_size=max(8, -(-len(subset) // 8)))  # about 8 batches for the bootstrap
-
-    def backbone(name: str) -> torch.nn.Module:
-        return create(record["name"], checkpoint=str(run / name), img_size=record["img_size"],
-                      in_chans=record["in_chans"], decapitate=record.get("decapitate"), **record["kwargs"])
-
-    before, after = backbone("backbone_init.pt"), backbone("backbone_best.pt")
-    ds = compare(before, after, loader, layers_a=before.layer_names(), keep_batches=True, n_boot=200, progress=False)
-    for obj in (ds, *ds.data_vars.values()):
-        obj.attrs.update(model_a="before", model_b="after")
-    return heatmap(ds, annotate_ci=ds.sizes["layer_a"] <= 12,
-                   title=f"before vs after fine-tuning, n={len(subset)}\n(cells: 95% CI width)")
+    # at least 10 batches for the bootstrap over batches (and at least 4 samples per batch), as the study's CKA
+    loader = DataLoader(subset, batch_sampler=near_equal_batches(len(subset), max(4, len(subset) // 10)))
+    before, after = load_run(run, "init"), load_run(run, "best")
+    ds = compare(before, after, loader, layers_a=before.layer_names(), labels=("before", "after"),
+                 bootstrap=Bootstrap(n_boot=200), progress=False)
+    # heatmap's title says what the cells hold
+    return heatmap(ds, annotate="ci" if ds.sizes["layer_a"] <= 12 else "none",
+                   title=f"before vs after fine-tuning, n={len(subset)}")
 
 
 def _run_cka(root: Path, data_root: str | Path | None, n_samples: int) -> str:
@@ -183,7 +179,8 @@ def _run_cka(root: Path, data_root: str | Path | None, n_samples: int) -> str:
     try:
         fig = run_cka(root, data_root, n_samples)
     except FileNotFoundError as err:
-        return f'<h2>CKA before vs after</h2><p class="note">Not computed: {html.escape(str(err))} (pass --data-root).</p>'
+        return ('<h2>CKA before vs after</h2><p class="note">Not computed: '
+                f'{html.escape(str(err))} (pass --data-root).</p>')
     return "<h2>CKA before vs after fine-tuning</h2>" + _png(fig)
 
 
@@ -192,12 +189,14 @@ def build_report(run_dir: str | Path, *, data_root: str | Path | None = None, ck
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no such run folder: {root}")
-    head = [f"<h1>repsim report: {html.escape(root.resolve().name)}</h1>", f"<p><code>{html.escape(str(root.resolve()))}</code></p>"]
+    head = [f"<h1>repsim report: {html.escape(root.resolve().name)}</h1>",
+            f"<p><code>{html.escape(str(root.resolve()))}</code></p>"]
     if (root / "study.json").exists():
         study = json.loads((root / "study.json").read_text())
         head.append(f"<p>Transfer study of <b>{html.escape(study['label'])}</b>; stage seconds: "
                     f"{html.escape(json.dumps(study['timings_s']))}</p>")
-        head.append(f"<details><summary>settings</summary><pre>{html.escape(json.dumps(study['settings'], indent=2))}</pre></details>")
+        settings = html.escape(json.dumps(study["settings"], indent=2))
+        head.append(f"<details><summary>settings</summary><pre>{settings}</pre></details>")
     body = [_tables(root), _figures(root), _run_cka(root, data_root, cka_samples), _curves(root)]
     return ("<!doctype html><html><head><meta charset='utf-8'><title>repsim report</title><style>" + STYLE +
             "</style></head><body>" + "\n".join(head + [b for b in body if b]) + "</body></html>")

@@ -85,16 +85,16 @@ class StackedClassifier(nn.Module):
         if max_grid is not None and max_grid < 1:
             raise ValueError(f"max_grid must be a positive grid side or None, got {max_grid}")
         self.max_grid = max_grid
-        vit = timm.create_model(model, pretrained=pretrained, num_classes=0, **kwargs)
+        vit: Any = timm.create_model(model, pretrained=pretrained, num_classes=0, **kwargs)  # a timm VisionTransformer
         if getattr(vit, "num_prefix_tokens", None) != 1 or getattr(vit, "global_pool", None) != "token":
             raise ValueError(f"{model} is not a one-CLS-token ViT, it cannot be the stacked classifier")
         self.embed_dim = self.num_features = int(vit.embed_dim)
         self.proj = nn.Sequential(nn.Linear(in_features, self.embed_dim), nn.LayerNorm(self.embed_dim))
-        self.cls_token = vit.cls_token
-        self.pos_embed = vit.pos_embed
-        self.pos_drop = vit.pos_drop
-        self.blocks = vit.blocks
-        self.norm = vit.norm
+        self.cls_token: nn.Parameter = vit.cls_token
+        self.pos_embed: nn.Parameter = vit.pos_embed
+        self.pos_drop: nn.Module = vit.pos_drop
+        self.blocks: nn.Module = vit.blocks
+        self.norm: nn.Module = vit.norm
         self._grid = list(vit.patch_embed.grid_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

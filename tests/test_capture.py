@@ -22,7 +22,8 @@ from repsim.capture import capture, extract, open_activations, pool_tensor, reso
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, reg_tokens=2, num_classes=0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                             reg_tokens=2, num_classes=0)
 
 
 class Twice(nn.Module):

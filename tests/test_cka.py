@@ -45,14 +45,16 @@ def ref_hsic1(k: np.ndarray, l: np.ndarray) -> float:
     np.fill_diagonal(kt, 0)
     np.fill_diagonal(lt, 0)
     one = np.ones(n, dtype=k.dtype)
-    term = np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * (one @ kt @ lt @ one)
+    term = (np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one @ kt @ lt @ one))
     return float(term / (n * (n - 3)))
 
 
 EST = {False: "biased", True: "unbiased"}
 
 
-def ref_cka(x: np.ndarray, y: np.ndarray, kernel: str = "linear", debiased: bool = False, threshold: float = 1.0) -> float:
+def ref_cka(x: np.ndarray, y: np.ndarray, kernel: str = "linear", debiased: bool = False,
+            threshold: float = 1.0) -> float:
     gram = ref_linear_gram if kernel == "linear" else (lambda a: ref_rbf_gram(a, threshold))
     k, l = gram(x), gram(y)
     hsic = ref_hsic1 if debiased else ref_hsic0
@@ -123,7 +125,8 @@ def test_identical_and_negative_values_are_not_clamped() -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((30, 8))
     assert repsim.cka(x, x) == pytest.approx(1.0, abs=1e-12)
-    values = [repsim.cka(rng.standard_normal((6, 3)), rng.standard_normal((6, 3)), estimator="unbiased") for _ in range(50)]
+    values = [repsim.cka(rng.standard_normal((6, 3)), rng.standard_normal((6, 3)), estimator="unbiased")
+              for _ in range(50)]
     assert min(values) < 0  # unbiased CKA of independent data straddles 0; it must not be clamped
 
 
@@ -149,7 +152,8 @@ def _batches(seed: int, sizes: list[int], d: dict[str, int], offset: float = 0.0
     out = []
     for n in sizes:
         base = rng.standard_normal((n, 6))
-        out.append({k: np.tanh(base @ rng.standard_normal((6, w))) + 0.5 * rng.standard_normal((n, w)) + offset for k, w in d.items()})
+        out.append({k: np.tanh(base @ rng.standard_normal((6, w))) + 0.5 * rng.standard_normal((n, w)) + offset
+                    for k, w in d.items()})
     return out
 
 
@@ -214,7 +218,8 @@ def test_half_precision_activations_promoted() -> None:
     bt = _batches(11, [32], {"x": 64, "y": 48})[0]
     mb = MinibatchCKA()
     mb.update({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in bt.items()})
-    ref = repsim.cka(torch.from_numpy(bt["x"]).to(torch.bfloat16).double(), torch.from_numpy(bt["y"]).to(torch.bfloat16).double(), estimator="unbiased")
+    ref = repsim.cka(torch.from_numpy(bt["x"]).to(torch.bfloat16).double(),
+                     torch.from_numpy(bt["y"]).to(torch.bfloat16).double(), estimator="unbiased")
     assert float(mb.compute()[0, 1]) == pytest.approx(ref, abs=1e-5)
 
 

@@ -29,7 +29,8 @@ def hsic1(k: np.ndarray, l: np.ndarray) -> float:
     np.fill_diagonal(kt, 0)
     np.fill_diagonal(lt, 0)
     one = np.ones(n)
-    return float(np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * (one @ kt @ lt @ one)) / (n * (n - 3))
+    return float(np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+                 - 2 / (n - 2) * (one @ kt @ lt @ one)) / (n * (n - 3))
 
 
 def hsic0(k: np.ndarray, l: np.ndarray) -> float:
@@ -87,7 +88,8 @@ LAYERS = ["0", "2", "4", "6"]
 def test_minibatch_compare_equals_float64_reference(data) -> None:
     a, b = mlp(0), mlp(1, width=16)
     got = compare(a, b, data, layers_a=LAYERS, layers_b=["1", "4", "6"], progress=False)
-    ref = minibatch_reference([layer_outputs(a, x, LAYERS) for x, _ in data], [layer_outputs(b, x, ["1", "4", "6"]) for x, _ in data])
+    ref = minibatch_reference([layer_outputs(a, x, LAYERS) for x, _ in data],
+                              [layer_outputs(b, x, ["1", "4", "6"]) for x, _ in data])
     assert isinstance(got, xr.Dataset) and got.cka.dims == ("layer_a", "layer_b")
     assert list(got.layer_b.values) == ["1", "4", "6"] and list(got.data_vars) == ["cka"]
     assert got.attrs["n_samples"] == 58 and got.attrs["n_batches"] == 3 and got.attrs["world_size"] == 1
@@ -136,7 +138,8 @@ def test_stored_activations_match_streaming(data, tmp_path) -> None:
     uneven = cka_matrix(ds_a, tmp_path / "b.zarr", batch_size=15, progress=False)  # 3 batches of 13-14 samples
     batches = (slice(0, 13), slice(13, 27), slice(27, 40))
     x = torch.cat([x for x, _ in loader])
-    ref = minibatch_reference([layer_outputs(a, x[s], LAYERS) for s in batches], [layer_outputs(b, x[s], LAYERS) for s in batches])
+    ref = minibatch_reference([layer_outputs(a, x[s], LAYERS) for s in batches],
+                              [layer_outputs(b, x[s], LAYERS) for s in batches])
     assert uneven.attrs["n_batches"] == 3
     np.testing.assert_allclose(uneven.cka.values, ref, rtol=0, atol=1e-6)
     within = cka_matrix(ds_a, batch_size=40, progress=False).cka

@@ -17,7 +17,8 @@ def matrix(la: int = 4, lb: int = 3, model_a: str = "vit_a", model_b: str = "vit
         values,
         dims=("layer_a", "layer_b"),
         coords={"layer_a": [f"blocks.{i}" for i in range(la)], "layer_b": [f"blocks.{i}" for i in range(lb)]},
-        attrs={"model_a": model_a, "model_b": model_b, "estimator": "minibatch linear CKA, unbiased HSIC", "n_samples": 512},
+        attrs={"model_a": model_a, "model_b": model_b, "estimator": "minibatch linear CKA, unbiased HSIC",
+               "n_samples": 512},
     )
 
 

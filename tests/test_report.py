@@ -11,7 +11,8 @@ import pytest
 
 from repsim.cli import main
 from repsim.report import build_report, markdown_to_html
-from repsim.study import PRESETS, resolved_config, run_dirs
+from repsim.study import PRESETS, resolved_config
+from repsim.train.runs import find_runs
 
 
 def _images(text: str) -> list[bytes]:
@@ -40,7 +41,7 @@ def experiment(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 def test_run_report_has_summary_curves_and_cka(experiment: tuple[Path, Path], tmp_path: Path) -> None:
     root, exp = experiment
-    run = run_dirs(exp)[0]
+    run = find_runs(exp)[0]
     out = tmp_path / "run.html"
     assert main(["report", str(run), "--out", str(out), "--data-root", str(root)]) == 0
     text = out.read_text()
@@ -51,7 +52,7 @@ def test_run_report_has_summary_curves_and_cka(experiment: tuple[Path, Path], tm
 
 
 def test_run_report_without_data_says_why_cka_is_missing(experiment: tuple[Path, Path]) -> None:
-    text = build_report(run_dirs(experiment[1])[0])
+    text = build_report(find_runs(experiment[1])[0])
     assert "Not computed" in text and "--data-root" in text and "Run summary" in text
 
 

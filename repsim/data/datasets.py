@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -86,7 +87,7 @@ class ImageDataset(Dataset):
     Call :meth:`set_epoch` before each epoch.
     """
 
-    def __init__(self, source: Source, indices: Sequence[int], transform: Callable, *, channels: int,
+    def __init__(self, source: Source, indices: Sequence[int] | np.ndarray, transform: Callable, *, channels: int,
                  seed: int = 0) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -151,10 +152,14 @@ def _resolve_images(names: Sequence[str], image_dir: Path, ext: str | None = Non
         return direct
     by_stem = {p.stem: p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS}
     by_name = {p.name: p for p in by_stem.values()}
-    out, missing = [], []
+    out: list[Path] = []
+    missing: list[str] = []
     for n, d in zip(names, direct):
         p = d if d.is_file() else by_name.get(Path(str(n)).name, by_stem.get(Path(str(n)).stem))
-        (out if p is not None else missing).append(p if p is not None else str(n))
+        if p is not None:
+            out.append(p)
+        else:
+            missing.append(str(n))
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(names)} images not found under {image_dir}, "
                                 f"e.g. {missing[:3]}")
@@ -172,6 +177,14 @@ def _encode_classes(values: pd.Series, classes: Sequence[str] | None) -> tuple[n
 
 def _single_label_task(num_classes: int) -> tuple[str, str]:
     return ("binary", "auc") if num_classes == 2 else ("multiclass", "balanced_accuracy")
+
+
+def _fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """``fractions`` as DatasetInfo's (train, val, test) triple; :func:`split_indices` checks their values."""
+    if len(fractions) != 3:
+        raise ValueError(f"fractions must be three numbers (train, val, test), got {list(fractions)}")
+    train, val, test = fractions
+    return train, val, test
 
 
 # --------------------------------------------------------------------------------------------------- readers
@@ -288,7 +301,9 @@ def csv_images(root: Path, csv: str, image_col: str, label_col: str | None = Non
     if (label_col is None) == (label_cols is None):
         raise ValueError("give exactly one of label_col or label_cols")
     path = root / csv
-    df = _read_csv(path, [image_col, *([label_col] if label_col else label_cols), *([group_col] if group_col else [])])
+    # exactly one of label_col / label_cols is given (checked above)
+    label_columns = [label_col] if label_col is not None else list(label_cols or ())
+    df = _read_csv(path, [image_col, *label_columns, *([group_col] if group_col else [])])
     images = _resolve_images(df[image_col].astype(str).tolist(), root / image_dir, ext)
     if label_cols is not None:
         targets, names, task = df[list(label_cols)].to_numpy(np.float32), list(label_cols), "multilabel"
@@ -312,7 +327,7 @@ def csv_images(root: Path, csv: str, image_col: str, label_col: str | None = Non
     mean = tuple(mean) if mean is not None else (IMAGENET_MEAN if channels == 3 else (0.5,))
     std = tuple(std) if std is not None else (IMAGENET_STD if channels == 3 else (0.25,))
     info = DatasetInfo(name or Path(csv).stem, task, names, channels, metric or default_metric, mean, std,
-                       tuple(fractions))
+                       _fractions(fractions))
     groups = df[group_col].astype(str).to_numpy() if group_col else None
     return Source(images, targets, [str(p.relative_to(root)) for p in images], info, groups)
 
@@ -332,7 +347,7 @@ def image_folder(root: Path, *, channels: int = 3, name: str | None = None, metr
     mean = tuple(mean) if mean is not None else (IMAGENET_MEAN if channels == 3 else (0.5,))
     std = tuple(std) if std is not None else (IMAGENET_STD if channels == 3 else (0.25,))
     info = DatasetInfo(name or root.name, task, classes, channels,
-                       metric or ("auc" if task == "binary" else "balanced_accuracy"), mean, std, tuple(fractions))
+                       metric or ("auc" if task == "binary" else "balanced_accuracy"), mean, std, _fractions(fractions))
     return Source([p for p, _ in files], np.array([c for _, c in files], np.int64),
                   [str(p.relative_to(root)) for p, _ in files], info)
 
@@ -420,7 +435,7 @@ READERS: dict[str, Callable[..., Source]] = {
 }
 
 
-def load_source(dataset: str, root: str | Path, **kwargs) -> Source:
+def load_source(dataset: str, root: str | Path, **kwargs: Any) -> Source:
     """Read dataset ``dataset`` (a key of ``READERS``) from ``root`` with reader-specific ``kwargs``."""
     if dataset not in READERS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(READERS)}")

@@ -2,8 +2,8 @@
 
 CKA needs the same samples, in the same order, for every model: the loader never shuffles, uses the eval transform
 (resize -> centre crop -> normalise), and splits the samples into near-equal contiguous batches (so no batch is too
-small for the unbiased estimator: each holds at least ``batch_size`` samples). Its ``normalisation`` attribute says which mean/std were used; ``repsim.compare``
-copies it into the result's attrs.
+small for the unbiased estimator: each holds at least ``batch_size`` samples). Its ``normalisation`` attribute says
+which mean/std were used; ``repsim.compare`` copies it into the result's attrs.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _flat_folder(root: Path) -> Source:
 
 def _source(data: str, root: str | Path | None, split: str) -> tuple[Source, list[int]]:
     """The samples of ``data`` and the indices of ``split`` (all samples where the data has no split)."""
-    from repsim.data.datasets import image_folder, load_source, medmnist
+    from repsim.data.datasets import image_folder, load_source, medmnist_file
     from repsim.data.named import NAMED
 
     path = Path(data).expanduser()
@@ -83,7 +83,7 @@ def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | P
         if channels != 3:
             raise ValueError(f"the synthetic data has 3 channels, not {channels}")
         dataset: Dataset = SyntheticPatterns(n_samples or 512, img_size=img_size, split=split, seed=seed)
-        norm = {"normalisation": "synthetic data: drawn with about zero mean and unit variance"}
+        norm: dict[str, Any] = {"normalisation": "synthetic data: drawn with about zero mean and unit variance"}
     else:
         source, indices = _source(data, root, split)
         info = with_channels(source.info, channels)
@@ -105,5 +105,5 @@ def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | P
             dataset = Subset(dataset, range(n_samples))
     batches = near_equal_batches(len(dataset), batch_size)  # type: ignore[arg-type]
     out = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-    out.normalisation = {**norm, "data": str(data), "split": split, "img_size": img_size}  # type: ignore[attr-defined]
+    out.normalisation = {**norm, "data": str(data), "split": split, "img_size": img_size}
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +63,11 @@ def prepare(cfg: dict[str, Any], data_root: str | Path | None = None, seed: int 
                              f"it accepts {sorted(accepted)} plus {sorted(GENERAL_KEYS)}")
     source = load_source(cfg["dataset"], root, **reader_kwargs)
     info = with_channels(source.info, int(cfg.get("channels") or source.info.channels))
+    mean, std = tuple(cfg.get("mean") or info.mean or ()), tuple(cfg.get("std") or info.std or ())
+    if len(mean) != info.channels or len(std) != info.channels:
+        raise ValueError(f"mean/std {mean}/{std} do not have {info.channels} channel(s)")
     if cfg.get("mean") is not None or cfg.get("std") is not None:
-        info = DatasetInfo(**{**info.__dict__, "mean": tuple(cfg.get("mean") or info.mean),
-                              "std": tuple(cfg.get("std") or info.std)})
-    if len(info.mean) != info.channels or len(info.std) != info.channels:
-        raise ValueError(f"mean/std {info.mean}/{info.std} do not have {info.channels} channel(s)")
+        info = replace(info, mean=mean, std=std)
 
     mode = cfg.get("split") or ("official" if source.official else "random")
     if mode == "official":
@@ -82,10 +82,9 @@ def prepare(cfg: dict[str, Any], data_root: str | Path | None = None, seed: int 
 
     img_size = int(cfg.get("img_size", 224))
     resize = cfg.get("resize") or default_resize(img_size)
-    common = {"resize": resize, "mean": info.mean, "std": info.std}
-    train_tf = build_transform(img_size, train=True, augment=bool(cfg.get("augment", True)),
-                               crop_scale=tuple(cfg.get("crop_scale", (0.8, 1.0))), **common)
-    eval_tf = build_transform(img_size, train=False, **common)
+    train_tf = build_transform(img_size, mean, std, train=True, resize=resize, augment=bool(cfg.get("augment", True)),
+                               crop_scale=tuple(cfg.get("crop_scale", (0.8, 1.0))))
+    eval_tf = build_transform(img_size, mean, std, train=False, resize=resize)
     datasets = {s: ImageDataset(source, split[s], train_tf if s == "train" else eval_tf, channels=info.channels,
                                 seed=seed) for s in SPLITS}
     datasets["train_eval"] = ImageDataset(source, split["train"], eval_tf, channels=info.channels, seed=seed)

@@ -9,7 +9,7 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
-def split_indices(n: int, fractions: Sequence[float], seed: int, groups: Sequence | None = None
+def split_indices(n: int, fractions: Sequence[float], seed: int, groups: Sequence | np.ndarray | None = None
                   ) -> dict[str, np.ndarray]:
     """Indices of ``n`` samples split ``fractions`` (train, val, test) of the samples, whole groups at a time.
 

@@ -3,7 +3,8 @@
 Each image shows a disc or square patch at a random position, size and colour on a noisy random background; the
 class is the texture inside the patch (horizontal, vertical or diagonal stripes, checkerboard, dots, plain) with a
 random period and phase, so it is visible locally and a small ViT learns it within a few epochs on a CPU.
-Sample ``i`` of a split is a pure function of ``(seed, split, i)``, so the dataset is identical on every machine and in every worker, and needs no storage.
+Sample ``i`` of a split is a pure function of ``(seed, split, i)``, so the dataset is identical on every machine and
+in every worker, and needs no storage.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ class SyntheticPatterns(Dataset):
     """``n`` images ``(3, img_size, img_size)`` (float32, about zero mean and unit variance) with integer labels
     ``i % num_classes`` (balanced), from the first ``num_classes`` of ``PATTERNS``."""
 
-    def __init__(self, n: int = 1024, *, img_size: int = 32, num_classes: int = 4, split: str = "train", seed: int = 0) -> None:
+    def __init__(self, n: int = 1024, *, img_size: int = 32, num_classes: int = 4, split: str = "train",
+                 seed: int = 0) -> None:
         if not 2 <= num_classes <= len(PATTERNS):
             raise ValueError(f"num_classes must be in 2..{len(PATTERNS)}, got {num_classes}")
         if split not in SPLITS:
@@ -60,7 +62,8 @@ class SyntheticPatterns(Dataset):
         label = i % self.num_classes
         rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
         background = rng.uniform(0.2, 0.8, size=3)
-        colour = np.clip(background + rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.45, size=3), 0.0, 1.0)  # visible contrast
+        # a colour in visible contrast to the background
+        colour = np.clip(background + rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.45, size=3), 0.0, 1.0)
         img = background[:, None, None] + rng.normal(0.0, 0.12, size=(3, self.img_size, self.img_size))
         mask = self._mask(self.classes[label], rng)
         img[:, mask] = colour[:, None] + rng.normal(0.0, 0.05, size=(3, int(mask.sum())))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +212,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    state: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -259,11 +261,12 @@ def _square_grid(n: int) -> list[int]:
 def fold_input_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
     """A copy of ``conv`` taking ``in_chans`` channels, its kernel folded by timm's rule (summed RGB for 1 channel)."""
     new = nn.Conv2d(
-        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-        bias=conv.bias is not None,
+        # torch declares the stored sizes as tuple[int, ...], its __init__ takes int | tuple[int, int]
+        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
+        conv.groups, bias=conv.bias is not None,
     )
     with torch.no_grad():
         new.weight.copy_(adapt_input_conv(in_chans, conv.weight))
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     return new

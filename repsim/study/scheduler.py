@@ -128,8 +128,12 @@ class Scheduler:
             exp.pending.add(fut)
             self.owner[fut] = (exp, None)
         elif exp.lr_from is not None:
-            exp.lr = done[exp.lr_from].lr
-            self._submit_runs(exp, [exp.lr], range(int(exp.cfg["train"]["seeds"])))
+            lr = done[exp.lr_from].lr
+            if lr is None:
+                raise ValueError(f"experiment {exp.key} takes its LR from {exp.lr_from}, which chose none (not a "
+                                 "trainer experiment)")
+            exp.lr = lr
+            self._submit_runs(exp, [lr], range(int(exp.cfg["train"]["seeds"])))
         elif len(exp.grid) > 1:
             self._submit_runs(exp, exp.grid, [0])
         else:
@@ -149,7 +153,8 @@ class Scheduler:
     def run(self, experiments: Sequence[Experiment], desc: str = "runs") -> dict[str, dict[str, Any]]:
         """Run every experiment (each after its dependencies); errors in a run stop the study."""
         keys = {e.key for e in experiments}
-        unknown = sorted({d for e in experiments for d in (*e.after, *([e.lr_from] if e.lr_from else [])) if d not in keys})
+        unknown = sorted({d for e in experiments for d in (*e.after, *([e.lr_from] if e.lr_from else []))
+                          if d not in keys})
         if unknown:
             raise ValueError(f"experiments depend on unknown experiments {unknown}")
         waiting = sorted(experiments, key=lambda e: -e.cost)

@@ -28,6 +28,9 @@ class Renormalised(nn.Module):
     """``backbone`` fed inputs normalised for another model: undoes ``source`` mean/std, applies ``target``'s, so
     models that expect different normalisations read the same loader (Fig 8 across architectures)."""
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, backbone: nn.Module, source: tuple[list[float], list[float]],
                  target: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
         super().__init__()
@@ -41,7 +44,9 @@ class Renormalised(nn.Module):
         return self.backbone(x * self.scale + self.shift)
 
     def layer_names(self) -> list[str]:
-        return [f"backbone.{n}" for n in self.backbone.layer_names()]
+        from repsim.compare import default_layers
+
+        return [f"backbone.{n}" for n in default_layers(self.backbone)]  # the backbone's layer_names()
 
 
 def diagonal(ds: xr.Dataset) -> dict[str, list[float]]:
@@ -83,7 +88,7 @@ def study_cka(study: Study, results: Mapping[str, dict[str, Any]]) -> dict[str, 
 def _target_matrices(study: Study, results: Mapping[str, dict[str, Any]], target: str,
                      kw: dict[str, Any]) -> dict[str, xr.Dataset]:
     """Every CKA matrix of one target, on its test split (computed once, then read from ``cka/<target>/``)."""
-    from repsim.compare import compare, compare_many
+    from repsim.compare import compare, compare_many, default_layers
     from repsim.data import near_equal_batches, prepare
 
     s, folder = study.settings, study.out / "cka" / target
@@ -100,7 +105,7 @@ def _target_matrices(study: Study, results: Mapping[str, dict[str, Any]], target
 
     def before_after(run: Path, part: str = "backbone") -> xr.Dataset:
         before, after = load_run(run, "init", part), load_run(run, "best", part)  # type: ignore[arg-type]
-        layers = before.layer_names() if part == "backbone" else [
+        layers = default_layers(before) if part == "backbone" else [
             n for n, _ in before.named_modules() if n.startswith("classifier.blocks.") and n.count(".") == 2]
         return compare(before, after, loader, layers_a=layers, labels=("before", "after"), **kw)
 

@@ -84,9 +84,12 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_
             desc: str, progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """Probabilities, targets (dataset order, gathered over processes) and seconds spent in forward passes."""
     model.eval()
-    shard = Subset(dataset, range(rank, len(dataset), world))
+    n = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; every dataset here has one
+    shard = Subset(dataset, range(rank, n, world))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    probs, targets, seconds = [], [], 0.0
+    prob_parts: list[np.ndarray] = []
+    target_parts: list[np.ndarray] = []
+    seconds = 0.0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not (rank == 0 and progress)):
         x = x.to(device, non_blocking=True)
         start = time.perf_counter()
@@ -96,13 +99,13 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
-        probs.append(p.cpu().numpy().astype(np.float64))
-        targets.append(y.numpy())
-    probs, targets = np.concatenate(probs), np.concatenate(targets)
+        prob_parts.append(p.cpu().numpy().astype(np.float64))
+        target_parts.append(y.numpy())
+    probs, targets = np.concatenate(prob_parts), np.concatenate(target_parts)
     if world > 1:  # shard r holds samples r, r+world, ...; interleave them back into dataset order
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, (probs, targets, seconds))
-        probs, targets = np.empty((len(dataset), probs.shape[1])), np.empty((len(dataset), *targets.shape[1:]))
+        probs, targets = np.empty((n, probs.shape[1])), np.empty((n, *targets.shape[1:]))
         for r, (p, t, _) in enumerate(parts):
             probs[r::world], targets[r::world] = p, t
         seconds = max(part[2] for part in parts)
@@ -169,7 +172,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = F.binary_cross_entropy_with_logits if task == "multilabel" else F.cross_entropy
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler: DistributedSampler[Any] = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                          seed=seed)
     loader = DataLoader(train_set, batch_size=tc["batch_size"] // world, sampler=sampler,
                         num_workers=tc["num_workers"], pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
@@ -183,8 +187,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
                "progress": progress}
 
     # --- state that a resume restores
-    state = {"epoch": 0, "iteration": 0, "best": None, "best_epoch": None, "best_iteration": None,
-             "bad_epochs": 0, "plateaus": 0, "train_seconds": 0.0}
+    state: dict[str, Any] = {"epoch": 0, "iteration": 0, "best": None, "best_epoch": None, "best_iteration": None,
+                             "bad_epochs": 0, "plateaus": 0, "train_seconds": 0.0}
     if resume and (ckpt_dir / "last.pt").exists():
         ckpt = load_torch(ckpt_dir / "last.pt", map_location=device)
         model.load_state_dict(ckpt["model"])

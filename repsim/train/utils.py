@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ import yaml
 
 from repsim.data import Data
 from repsim.train.config import DEFAULTS, config_diff, deep_merge
+
+if TYPE_CHECKING:
+    from repsim.models.classifier import FoundationClassifier
 
 
 def check_same_config(cfg: dict[str, Any], run_dir: Path) -> None:
@@ -89,7 +92,8 @@ def seed_everything(seed: int) -> None:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: no weight decay on biases and other 1-D parameters (norms)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
@@ -98,7 +102,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(cfg: dict[str, Any], data: Data) -> tuple[torch.nn.Module, dict[str, Any]]:
+def build_model(cfg: dict[str, Any], data: Data) -> tuple[FoundationClassifier, dict[str, Any]]:
     """The classifier of ``cfg["model"]`` for ``data`` and the ``model.json`` record that rebuilds it."""
     from repsim import models
 
