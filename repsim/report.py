@@ -166,7 +166,7 @@ def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
     # at least 10 batches for the bootstrap over batches (and at least 4 samples per batch), as the study's CKA
     loader = DataLoader(subset, batch_sampler=near_equal_batches(len(subset), max(4, len(subset) // 10)))
     before, after = load_run(run, "init"), load_run(run, "best")
-    ds = compare(before, after, loader, layers_a=before.layer_names(), labels=("before", "after"),
+    ds = compare(before, after, loader, labels=("before", "after"),  # layers: the backbone's blocks
                  bootstrap=Bootstrap(n_boot=200), progress=False)
     # heatmap's title says what the cells hold
     return heatmap(ds, annotate="ci" if ds.sizes["layer_a"] <= 12 else "none",
