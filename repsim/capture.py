@@ -346,19 +346,25 @@ def extract(
             if start < done:  # a batch straddling the resume point (different batch size than before)
                 ds = ds.isel(sample=slice(done - start, None))
             start += n
-            if path is None:
-                parts.append(ds)
-            elif not path.exists():
-                zarr_store.create(path, ds, fp)
-            else:
-                zarr_store.append(path, ds, fp)
-    if path is not None:
-        if not path.exists():
-            raise ValueError("the loader yielded no samples")
-        return open_activations(path)
-    if not parts:
+            _keep(ds, parts, path, fp)
+    return _result(parts, path)
+
+
+def _keep(part: xr.Dataset, parts: list[xr.Dataset], path: Path | None, fp: Mapping[str, Any]) -> None:
+    """One batch's activations into the store (the first batch creates it) or into the in-memory ``parts``."""
+    if path is None:
+        parts.append(part)
+    elif not path.exists():
+        zarr_store.create(path, part, fp)
+    else:
+        zarr_store.append(path, part, fp)
+
+
+def _result(parts: list[xr.Dataset], path: Path | None) -> xr.Dataset:
+    """What ``extract`` returns: the store read lazily, or the in-memory batches concatenated."""
+    if (path is not None and not path.exists()) or (path is None and not parts):
         raise ValueError("the loader yielded no samples")
-    return xr.concat(parts, dim="sample", combine_attrs="override")
+    return open_activations(path) if path is not None else xr.concat(parts, dim="sample", combine_attrs="override")
 
 
 def _extract_sharded(model: nn.Module, loader: Iterable[Any], names: list[str], pool: Pool, prefix: int,
@@ -397,19 +403,7 @@ def _extract_sharded(model: nn.Module, loader: Iterable[Any], names: list[str], 
             else:
                 dist.gather_object(ds, gathered if rank == 0 else None, dst=0)
             for part in gathered if rank == 0 or path is None else ():
-                if part is None:
-                    continue
-                if path is None:
-                    parts.append(part)
-                elif not path.exists():
-                    zarr_store.create(path, part, fp)
-                else:
-                    zarr_store.append(path, part, fp)
+                if part is not None:
+                    _keep(part, parts, path, fp)
     dist.barrier()
-    if path is not None:
-        if not path.exists():
-            raise ValueError("the loader yielded no samples")
-        return open_activations(path)
-    if not parts:
-        raise ValueError("the loader yielded no samples")
-    return xr.concat(parts, dim="sample", combine_attrs="override")
+    return _result(parts, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,3 +31,11 @@ def data_root() -> Path:
     if not (root / "medmnist" / "retinamnist.npz").exists():
         pytest.skip(f"real medical data not found under {root} (set REPSIM_DATA to its folder)")
     return root
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a torch.distributed (gloo) rendezvous between spawned processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -230,13 +229,10 @@ def _extract_worker(rank: int, world: int, port: int, store: str) -> None:
         dist.destroy_process_group()
 
 
-def test_extract_under_two_gloo_processes_equals_one_process(tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_extract_under_two_gloo_processes_equals_one_process(tmp_path, free_port: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mp.spawn(_extract_worker, args=(2, port, str(tmp_path / "ddp.zarr")), nprocs=2, join=True)
+        mp.spawn(_extract_worker, args=(2, free_port, str(tmp_path / "ddp.zarr")), nprocs=2, join=True)
     single = extract(_tiny_vit(), _sharded_loader(), layers="blocks.*", pool="mean", progress=False).load()
     sharded = open_activations(tmp_path / "ddp.zarr").load()
     np.testing.assert_array_equal(sharded["sample"].values, np.arange(22))

@@ -8,7 +8,6 @@ centring code, so a shared mistake cannot hide.
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -309,12 +308,6 @@ def test_gram_vector_inner_product() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ DDP all-reduce
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -333,11 +326,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_all_reduce_two_gloo_processes(tmp_path) -> None:
+def test_all_reduce_two_gloo_processes(tmp_path, free_port: int) -> None:
     out = str(tmp_path / "ddp.npy")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port, out), nprocs=2, join=True)
     got = np.load(out)
     single = MinibatchCKA(keep_batches=True)
     for bt in _batches(17, [6] * 10, {"p": 5, "q": 7}):

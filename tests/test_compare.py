@@ -4,7 +4,6 @@ stored activations, and bad input."""
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -217,23 +216,17 @@ def _ddp_loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=10)  # 13 batches: rank 0 takes 7, rank 1 takes 6
 
 
-def test_compare_under_two_gloo_processes_equals_one_process(tmp_path) -> None:
+def test_compare_under_two_gloo_processes_equals_one_process(tmp_path, free_port: int) -> None:
     out = str(tmp_path / "ddp.nc")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mp.spawn(_ddp_compare, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_ddp_compare, args=(2, free_port, out), nprocs=2, join=True)
     got = repsim.load(out)
     want = compare(mlp(10), mlp(11), _ddp_loader(), layers_a=LAYERS, bootstrap=Bootstrap(300, seed=2), progress=False)
     assert got.attrs["world_size"] == 2 and got.attrs["n_samples"] == want.attrs["n_samples"] == 130
     assert got.attrs["n_batches"] == want.attrs["n_batches"] == 13
     for var in ("cka", "lower", "upper"):
         np.testing.assert_allclose(got[var].values, want[var].values, rtol=0, atol=1e-12)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ bad input (item 8)

@@ -9,7 +9,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -460,12 +459,6 @@ def test_resume_with_other_batches_and_a_stale_temporary(tmp_path, monkeypatch) 
 
 
 # ------------------------------------------------------------------- 5. mismatched ranks raise, never hang
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # rank 1's difference from rank 0 (layers p, q; unbiased; no kept batches): its MinibatchCKA kwargs and layers
 MISMATCHES: dict[str, tuple[dict, list[str], str]] = {
     "layer order": ({}, ["q", "p"], "layers_a"),
@@ -495,10 +488,10 @@ def _mismatch_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_all_reduce_mismatch_raises_on_every_rank(tmp_path) -> None:
+def test_all_reduce_mismatch_raises_on_every_rank(tmp_path, free_port: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ctx = mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+        ctx = mp.spawn(_mismatch_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=False)
         deadline = time.monotonic() + 180
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:
