@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import numpy as np
 import pytest
 import timm
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import xarray as xr
 import zarr
 from torch import nn
@@ -217,22 +212,15 @@ def _sharded_loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=4)  # 6 batches: rank 0 takes 0, 2, 4; rank 1 takes 1, 3, 5
 
 
-def _extract_worker(rank: int, world: int, port: int, store: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        kw = dict(layers="blocks.*", pool="mean", progress=False)
-        extract(_tiny_vit(), _sharded_loader(), store=store, **kw)
-        in_memory = extract(_tiny_vit(), _sharded_loader(), **kw)  # every rank gets the whole Dataset
-        assert in_memory.sizes["sample"] == 22
-    finally:
-        dist.destroy_process_group()
+def _extract_worker(rank: int, store: str) -> None:
+    kw = dict(layers="blocks.*", pool="mean", progress=False)
+    extract(_tiny_vit(), _sharded_loader(), store=store, **kw)
+    in_memory = extract(_tiny_vit(), _sharded_loader(), **kw)  # every rank gets the whole Dataset
+    assert in_memory.sizes["sample"] == 22
 
 
-def test_extract_under_two_gloo_processes_equals_one_process(tmp_path, free_port: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mp.spawn(_extract_worker, args=(2, free_port, str(tmp_path / "ddp.zarr")), nprocs=2, join=True)
+def test_extract_under_two_gloo_processes_equals_one_process(tmp_path, run_gloo) -> None:
+    run_gloo(_extract_worker, str(tmp_path / "ddp.zarr"))
     single = extract(_tiny_vit(), _sharded_loader(), layers="blocks.*", pool="mean", progress=False).load()
     sharded = open_activations(tmp_path / "ddp.zarr").load()
     np.testing.assert_array_equal(sharded["sample"].values, np.arange(22))

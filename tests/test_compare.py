@@ -3,15 +3,10 @@ stored activations, and bad input."""
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import numpy as np
 import pytest
 import timm
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import xarray as xr
 from torch import nn
 
@@ -198,16 +193,11 @@ def mlp_image() -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.ReLU())
 
 
-def _ddp_compare(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        ds = compare(mlp(10), mlp(11), _ddp_loader(), layers_a=LAYERS, bootstrap=Bootstrap(300, seed=2),
-                     progress=False)
-        if rank == 0:
-            ds.to_netcdf(out, engine="h5netcdf")
-    finally:
-        dist.destroy_process_group()
+def _ddp_compare(rank: int, out: str) -> None:
+    ds = compare(mlp(10), mlp(11), _ddp_loader(), layers_a=LAYERS, bootstrap=Bootstrap(300, seed=2),
+                 progress=False)
+    if rank == 0:
+        ds.to_netcdf(out, engine="h5netcdf")
 
 
 def _ddp_loader() -> torch.utils.data.DataLoader:
@@ -216,11 +206,9 @@ def _ddp_loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=10)  # 13 batches: rank 0 takes 7, rank 1 takes 6
 
 
-def test_compare_under_two_gloo_processes_equals_one_process(tmp_path, free_port: int) -> None:
+def test_compare_under_two_gloo_processes_equals_one_process(tmp_path, run_gloo) -> None:
     out = str(tmp_path / "ddp.nc")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mp.spawn(_ddp_compare, args=(2, free_port, out), nprocs=2, join=True)
+    run_gloo(_ddp_compare, out)
     got = repsim.load(out)
     want = compare(mlp(10), mlp(11), _ddp_loader(), layers_a=LAYERS, bootstrap=Bootstrap(300, seed=2), progress=False)
     assert got.attrs["world_size"] == 2 and got.attrs["n_samples"] == want.attrs["n_samples"] == 130
