@@ -19,6 +19,7 @@ import seaborn as sns
 import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 Matrix = xr.DataArray | xr.Dataset
 CELLS = {"cka": "cells: CKA", "ci": "cells: CKA ± half the 95% CI", "none": ""}
@@ -239,6 +240,7 @@ def diagonal(
             ax.fill_between(x, band[0], band[1], color=f"C{i}", alpha=0.2)
         ax.plot(x, mean, marker="o", color=f"C{i}", label=f"{label} ({what})" if what else label)
     ax.set(xlabel=xlabel, ylabel="CKA(before, after)", ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     fig = _figure(ax)
     if title:

@@ -169,13 +169,13 @@ def fig7_diagonal(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
     return fig
 
 
-def _grid(panels: Sequence[tuple[str, xr.Dataset]], title: str, note: str) -> Figure | None:
+def _grid(panels: Sequence[tuple[str, xr.Dataset]], title: str, note: str, annotate: str = "none") -> Figure | None:
     from repsim.plot import heatmap_grid
 
     if not panels:
         return None
     return heatmap_grid([ds for _, ds in panels], titles=[p for p, _ in panels], ncols=min(len(panels), 3),
-                        title=f"{title} ({note})", annotate="none")
+                        title=f"{title} ({note})", annotate=annotate)
 
 
 def fig7(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
@@ -202,4 +202,4 @@ def fig8(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
         models = [str(x) for x in ds["model_a"].values]
         ds = ds.assign_coords(layer_a=models, layer_b=models).drop_vars(["model_a", "model_b", "module_a", "module_b"])
         panels.append((t, ds.assign_attrs(axis_a="backbone (last block)", axis_b="backbone (last block)")))
-    return _grid(panels, "Fig 8: CKA of the last block across backbones", "colour: CKA")
+    return _grid(panels, "Fig 8: CKA of the last block across backbones", "colour and cells: CKA", "cka")
