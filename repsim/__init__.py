@@ -18,6 +18,9 @@ from typing import Any
 
 __version__ = "0.2.0"
 
+if "ipykernel" in sys.modules:  # in Jupyter: silence tqdm's IProgress warning before timm can raise it
+    importlib.import_module("repsim.progress")
+
 # public name -> (module, attribute)
 _LAZY = {
     "cka": ("repsim.cka", "cka"),
