@@ -12,8 +12,8 @@ from repsim.data.named import NAMED
 _LAZY = {
     "Data": "spec", "prepare": "spec", "default_root": "spec", "GENERAL_KEYS": "spec",
     "loader": "loaders", "near_equal_batches": "loaders",
-    "DatasetInfo": "datasets", "ImageDataset": "datasets", "Source": "datasets", "READERS": "datasets",
-    "load_source": "datasets", "with_channels": "datasets",
+    "DatasetInfo": "datasets", "ImageDataset": "datasets", "Source": "datasets", "READERS": "readers",
+    "load_source": "readers", "with_channels": "datasets",
     "split_indices": "splits", "build_transform": "transforms",
 }
 

@@ -39,8 +39,9 @@ def _flat_folder(root: Path) -> Source:
 
 def _source(data: str, root: str | Path | None, split: str) -> tuple[Source, list[int]]:
     """The samples of ``data`` and the indices of ``split`` (all samples where the data has no split)."""
-    from repsim.data.datasets import image_folder, load_source, medmnist_file
+    from repsim.data.datasets import image_folder, medmnist_file
     from repsim.data.named import NAMED
+    from repsim.data.readers import load_source
 
     path = Path(data).expanduser()
     if data in NAMED:
