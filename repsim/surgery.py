@@ -18,7 +18,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from repsim.models.base import Backbone
+from repsim.backbone import Backbone
 
 
 def _backbone_of(model: nn.Module) -> Backbone:

@@ -196,6 +196,7 @@ def test_zoo_model(name: str, tmp_path) -> None:
     assert counts["unfrozen-stacked"] == total - after_params
 
 
+@pytest.mark.slow
 def test_dinov2_giant() -> None:
     """Built once, one forward: 40 blocks of width 1536, 2x2 patch grid at 28 px, pooled CLS of width 1536."""
     bb = create("dinov2_vitg14", img_size=28).eval()
@@ -221,7 +222,7 @@ def test_vit_runs_at_other_input_sizes_and_same_size_is_identity() -> None:
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         assert bb.forward_tokens(torch.randn(1, 3, 56, 56)).shape == (1, 16, 384)
-        resampled = repsim.models.base.resize_param(bb.model.pos_embed, tuple(bb.model.pos_embed.shape), "abs", 1)
+        resampled = repsim.backbone.resize_param(bb.model.pos_embed, tuple(bb.model.pos_embed.shape), "abs", 1)
         assert torch.equal(resampled, bb.model.pos_embed)
         before = bb(x)
         bb.model.pos_embed.data.copy_(resampled)

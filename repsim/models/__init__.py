@@ -4,7 +4,7 @@
 linear head or the paper's stacked DeiT classifier in one of the four frozen/unfrozen scenarios.
 """
 
-from repsim.models.base import Backbone
+from repsim.backbone import Backbone
 from repsim.models.classifier import SCENARIOS, FoundationClassifier, build_classifier
 from repsim.models.zoo import ZOO, ZooInfo, available, create
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from repsim import surgery
-from repsim.models.base import Backbone
+from repsim.backbone import Backbone
 from repsim.types import SCENARIOS
 
 

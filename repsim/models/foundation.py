@@ -19,7 +19,7 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
 from transformers import BlipVisionConfig, BlipVisionModel
 
-from repsim.models.base import Backbone, fold_input_conv
+from repsim.backbone import Backbone, fold_input_conv
 
 SAM_VITB_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
 BLIP_BASE_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base.pth"

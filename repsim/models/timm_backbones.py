@@ -18,7 +18,7 @@ from timm.layers import LayerNorm2d
 from timm.models.focalnet import FocalNetBlock
 from torch import nn
 
-from repsim.models.base import Backbone
+from repsim.backbone import Backbone
 
 
 def _pool_type(model: nn.Module) -> str | None:

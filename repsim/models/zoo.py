@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from repsim.models.base import Backbone
+from repsim.backbone import Backbone
 from repsim.models.foundation import BlipBackbone, OpenClipBackbone, SamBackbone
 from repsim.models.imagenet import PACKAGED, imagenet_state_dict, weights_file
 from repsim.models.timm_backbones import EfficientNetStages, SeemFocalNet, create_timm
