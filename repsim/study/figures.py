@@ -29,6 +29,13 @@ def _targets(res: Results) -> list[str]:
     return list(dict.fromkeys(t for by_t in res.values() for t in by_t))
 
 
+def _in_order(by_start: Mapping[str, Any], order: Sequence[str]) -> list[tuple[str, Any]]:
+    """``by_start``'s items in the study's start order (unknown names last), so a start keeps one colour (``C<i>``,
+    ``i`` its place in the study) in every figure."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(by_start.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+
+
 def transfer(ft: Results, starts: Sequence[Start]) -> Figure | None:
     """Test metric per scenario, one marker per start: mean ± std and every seed as a dot."""
     targets = _targets(ft)
@@ -57,24 +64,24 @@ def transfer(ft: Results, starts: Sequence[Start]) -> Figure | None:
     return fig
 
 
-def knn(knn_res: Results, sizes: Results) -> Figure | None:
+def knn(knn_res: Results, sizes: Results, order: Sequence[str]) -> Figure | None:
     """k-NN test metric of each start's frozen features (and of the size variants), per target."""
     targets = _targets(knn_res)
     if not targets:
         return None
     fig, axes = _axes(len(targets), "Fig 2: k-NN on frozen features (test split)")
     for ax, t in zip(axes, targets):
-        bars = [(name, by_t[t]) for name, by_t in knn_res.items() if t in by_t]
+        bars = [(name, by_t[t]) for name, by_t in _in_order(knn_res, order) if t in by_t]
         bars += [(m, by_t[t]["knn"]) for m, by_t in sizes.items() if t in by_t and "knn" in by_t[t]]
         metric = bars[0][1]["metric"]
         ax.bar(range(len(bars)), [r["test"][metric]["mean"] for _, r in bars],
-               color=[f"C{i}" for i in range(len(bars))])
+               color=[f"C{order.index(n) if n in order else len(order) + j}" for j, (n, _) in enumerate(bars)])
         ax.set_xticks(range(len(bars)), [textwrap.fill(n, 12) for n, _ in bars], fontsize=7)
         ax.set(title=t, ylabel=f"test {metric}")
     return fig
 
 
-def curve(curves: Mapping[str, Any], ft: Results, name: str) -> Figure | None:
+def curve(curves: Mapping[str, Any], ft: Results, name: str, order: Sequence[str]) -> Figure | None:
     """Test metric against blocks frozen (Fig 4) or kept (Fig 5), per target: mean ± std over the curve's seeds."""
     if name not in curves:
         return None
@@ -85,7 +92,8 @@ def curve(curves: Mapping[str, Any], ft: Results, name: str) -> Figure | None:
     fig, axes = _axes(len(targets), title + "; mean ± std over seeds")
     for ax, t in zip(axes, targets):
         metric = ""
-        for i, (start, by_t) in enumerate(by_start.items()):
+        for start, by_t in _in_order(by_start, order):
+            i = order.index(start) if start in order else len(order)
             for sc, points in by_t.get(t, {}).items():
                 ks = sorted(points, key=point_k)
                 metric = points[ks[0]]["metric"]

@@ -142,15 +142,16 @@ def write_outputs(study: Study, results: Mapping[str, dict[str, Any]],
     flags = {f"{st}/{t}/{sc}": run_flags(out / "finetune" / st / t / sc)
              for st, by_t in res["finetune"].items() for t, by_sc in by_t.items() for sc in by_sc}
     flags = {k: v for k, v in flags.items() if v}
+    order = [st.name for st in s.starts]
     made = {
         "fig_transfer": figures.transfer(res["finetune"], s.starts),
-        "fig2_knn": figures.knn(res["knn"], res["sizes"]),
+        "fig2_knn": figures.knn(res["knn"], res["sizes"], order),
         "fig7_cka_before_after": figures.fig7(cka),
         "fig7_diagonal": figures.fig7_diagonal(cka),
         "figA1_stacked_classifier": figures.figA1(cka),
         "fig8_last_block": figures.fig8(cka),
-        "fig4_freezing": figures.curve(res["curves"], res["finetune"], "freezing"),
-        "fig5_decapitation": figures.curve(res["curves"], res["finetune"], "decapitation"),
+        "fig4_freezing": figures.curve(res["curves"], res["finetune"], "freezing", order),
+        "fig5_decapitation": figures.curve(res["curves"], res["finetune"], "decapitation", order),
         "fig6_sizes": figures.sizes(res["sizes"], res["finetune"], s),
     }
     names = {k: save_png(fig, out / f"{k}.png", dpi=FIG_DPI).name for k, fig in made.items() if fig is not None}
