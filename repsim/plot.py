@@ -185,7 +185,7 @@ def heatmap_grid(
         raise ValueError(f"got {len(titles)} titles for {len(matrices)} matrices")
     ncols = min(len(matrices), ncols or 3)
     nrows = math.ceil(len(matrices) / ncols)
-    fig = ReprFigure(figsize=(panel_size * ncols + 1.0, panel_size * nrows + (0.5 if title else 0)),
+    fig = ReprFigure(figsize=(panel_size * ncols + 1.0, (panel_size + 0.4) * nrows + (0.5 if title else 0)),
                      layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, m in enumerate(matrices):
