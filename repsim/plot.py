@@ -45,7 +45,7 @@ def _figure(ax: Axes) -> Figure:
 def _wrap(text: str, fig: Figure, fraction: float = 1.0, fontsize: float = 9) -> str:
     """``text`` wrapped to the width of ``fraction`` of ``fig`` (about 0.6 em per character), line by line."""
     chars = max(12, int(fig.get_figwidth() * fraction * 72 / (0.6 * fontsize)))
-    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in text.split("\n"))
 
 
 def short_labels(names: Sequence[str]) -> list[str]:
