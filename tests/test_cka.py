@@ -336,3 +336,24 @@ def test_package_functions_survive_submodule_imports() -> None:
     for name in ("cka", "capture", "compare"):
         importlib.import_module(f"repsim.{name}")
         assert callable(getattr(repsim, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 3), (300, 7), (256, 40), (257, 1)])
+def test_symmetric_product_is_the_gram(shape: tuple[int, int], dtype: torch.dtype,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths (BLAS syrk from n = SYRK_MIN_ROWS rows where torch links MKL, a matmul otherwise or with
+    REPSIM_SYRK off) give x x^T to rounding, against a float64 reference."""
+    from repsim import gram
+
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = x.double() @ x.double().T
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    for syrk_on in (True, False):
+        if not syrk_on:
+            monkeypatch.setattr(gram, "_mkl_syrk", lambda: None)
+        k = gram.symmetric_product(x)
+        scale = tol * float(ref.abs().max())
+        assert k.dtype == dtype and float((k - k.T).abs().max()) <= scale  # a BLAS matmul may round asymmetrically
+        assert float((k.double() - ref).abs().max()) <= scale
+    assert gram.symmetric_product(x.T.contiguous().T).shape == (shape[0], shape[0])  # non-contiguous: matmul
