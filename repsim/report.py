@@ -156,15 +156,14 @@ def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
     from torch.utils.data import DataLoader, Subset
 
     from repsim.compare import Bootstrap, compare
-    from repsim.data import near_equal_batches, prepare
+    from repsim.data import bootstrap_batches, prepare
     from repsim.plot import heatmap
     from repsim.train.runs import load_run
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     test = prepare(cfg["data"], data_root).datasets["test"]
     subset = Subset(test, range(min(n_samples, len(test))))
-    # at least 10 batches for the bootstrap over batches (and at least 4 samples per batch), as the study's CKA
-    loader = DataLoader(subset, batch_sampler=near_equal_batches(len(subset), max(4, len(subset) // 10)))
+    loader = DataLoader(subset, batch_sampler=bootstrap_batches(len(subset)))
     before, after = load_run(run, "init"), load_run(run, "best")
     ds = compare(before, after, loader, labels=("before", "after"),  # layers: the backbone's blocks
                  bootstrap=Bootstrap(n_boot=200), progress=False)

@@ -11,7 +11,7 @@ from repsim.data.named import NAMED
 # Imported on first use, so that reading NAMED (the CLI, study settings) does not import torch.
 _LAZY = {
     "Data": "spec", "prepare": "spec", "default_root": "spec", "GENERAL_KEYS": "spec",
-    "loader": "loaders", "near_equal_batches": "loaders",
+    "loader": "loaders", "near_equal_batches": "loaders", "bootstrap_batches": "loaders",
     "DatasetInfo": "datasets", "ImageDataset": "datasets", "Source": "datasets", "READERS": "readers",
     "load_source": "readers", "with_channels": "datasets",
     "split_indices": "splits", "build_transform": "transforms",

@@ -30,6 +30,13 @@ def near_equal_batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def bootstrap_batches(n: int, batch_size: int | None = None) -> list[list[int]]:
+    """Near-equal batches for a CKA with a bootstrap over batches: at least 10 of them where ``n`` allows (the
+    bootstrap warns below 10), none below 4 samples (the unbiased estimator's minimum), none above ``batch_size``."""
+    size = max(4, n // 10)
+    return near_equal_batches(n, size if batch_size is None else min(batch_size, size))
+
+
 def _flat_folder(root: Path) -> Source:
     """Images directly inside ``root`` (no class folders): unlabelled samples (target 0)."""
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)

@@ -89,13 +89,11 @@ def _target_matrices(study: Study, results: Mapping[str, dict[str, Any]], target
                      kw: dict[str, Any]) -> dict[str, xr.Dataset]:
     """Every CKA matrix of one target, on its test split (computed once, then read from ``cka/<target>/``)."""
     from repsim.compare import compare, compare_many, default_layers
-    from repsim.data import near_equal_batches, prepare
+    from repsim.data import bootstrap_batches, prepare
 
     s, folder = study.settings, study.out / "cka" / target
     test = prepare(study.data_block(target), study.data_root).datasets["test"]
-    # at least 10 batches for the bootstrap over batches (and at least 4 samples per batch)
-    size = min(s.cka_batch_size, max(4, len(test) // 10))
-    loader = torch.utils.data.DataLoader(test, batch_sampler=near_equal_batches(len(test), size))
+    loader = torch.utils.data.DataLoader(test, batch_sampler=bootstrap_batches(len(test), s.cka_batch_size))
     scratch = next((st.name for st in s.starts if st.kind == "scratch"), None)
 
     def runs(start: str, scenario: str) -> list[Path]:
