@@ -30,10 +30,15 @@ def _targets(res: Results) -> list[str]:
 
 
 def _in_order(by_start: Mapping[str, Any], order: Sequence[str]) -> list[tuple[str, Any]]:
-    """``by_start``'s items in the study's start order (unknown names last), so a start keeps one colour (``C<i>``,
-    ``i`` its place in the study) in every figure."""
+    """``by_start``'s items in the study's start order (unknown names last)."""
     rank = {name: i for i, name in enumerate(order)}
     return sorted(by_start.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+
+
+def _colour(name: str, order: Sequence[str], spare: int = 0) -> str:
+    """A start's colour in every figure: ``C<i>``, ``i`` its place in the study; other names (size variants) take
+    colours after the starts' (``spare`` tells them apart)."""
+    return f"C{order.index(name) if name in order else len(order) + spare}"
 
 
 def transfer(ft: Results, starts: Sequence[Start]) -> Figure | None:
@@ -47,16 +52,16 @@ def transfer(ft: Results, starts: Sequence[Start]) -> Figure | None:
         scenarios = list(dict.fromkeys(sc for st in names for sc in ft.get(st, {}).get(t, {})))
         metric = ""
         for i, st in enumerate(names):
-            offset = (i - (len(names) - 1) / 2) * 0.18
+            offset, colour = (i - (len(names) - 1) / 2) * 0.18, _colour(st, names)
             for j, sc in enumerate(scenarios):
                 r = ft.get(st, {}).get(t, {}).get(sc)
                 if r is None:
                     continue
                 metric = r["metric"]
                 v = r["test"][metric]
-                ax.errorbar(j + offset, v["mean"], yerr=v["std"], fmt="o", color=f"C{i}", capsize=3,
+                ax.errorbar(j + offset, v["mean"], yerr=v["std"], fmt="o", color=colour, capsize=3,
                             label=st if j == 0 or sc == scenarios[0] else None)
-                ax.scatter(np.full(len(v["values"]), j + offset + 0.06), v["values"], s=6, color=f"C{i}", alpha=0.5)
+                ax.scatter(np.full(len(v["values"]), j + offset + 0.06), v["values"], s=6, color=colour, alpha=0.5)
         ax.set_xticks(range(len(scenarios)), [sc.replace("-", "\n") for sc in scenarios], fontsize=7)
         ax.set(title=t, ylabel=f"test {metric}")
         handles, labels = ax.get_legend_handles_labels()
@@ -75,7 +80,7 @@ def knn(knn_res: Results, sizes: Results, order: Sequence[str]) -> Figure | None
         bars += [(m, by_t[t]["knn"]) for m, by_t in sizes.items() if t in by_t and "knn" in by_t[t]]
         metric = bars[0][1]["metric"]
         ax.bar(range(len(bars)), [r["test"][metric]["mean"] for _, r in bars],
-               color=[f"C{order.index(n) if n in order else len(order) + j}" for j, (n, _) in enumerate(bars)])
+               color=[_colour(n, order, j) for j, (n, _) in enumerate(bars)])
         ax.set_xticks(range(len(bars)), [textwrap.fill(n, 12) for n, _ in bars], fontsize=7)
         ax.set(title=t, ylabel=f"test {metric}")
     return fig
@@ -93,13 +98,12 @@ def curve(curves: Mapping[str, Any], ft: Results, name: str, order: Sequence[str
     for ax, t in zip(axes, targets):
         metric = ""
         for start, by_t in _in_order(by_start, order):
-            i = order.index(start) if start in order else len(order)
             for sc, points in by_t.get(t, {}).items():
                 ks = sorted(points, key=point_k)
                 metric = points[ks[0]]["metric"]
                 ax.errorbar([point_k(p) for p in ks], [points[p]["test"][metric]["mean"] for p in ks],
                             yerr=[points[p]["test"][metric]["std"] for p in ks], marker="o", capsize=3,
-                            color=f"C{i}", label=f"{start} {sc}" if name == "decapitation" else start)
+                            color=_colour(start, order), label=f"{start} {sc}" if name == "decapitation" else start)
         scratch = ft.get("scratch", {}).get(t, {}).get("unfrozen-linear")
         if scratch is not None and metric:
             ax.axhline(scratch["test"][metric]["mean"], color="grey", linestyle="--", label="scratch, unfrozen-linear")
