@@ -26,6 +26,7 @@ _LAZY = {
     "cka": ("repsim.cka", "cka"),
     "MinibatchCKA": ("repsim.minibatch", "MinibatchCKA"),
     "gram_vector": ("repsim.gram", "gram_vector"),
+    "feature_gram": ("repsim.gram", "feature_gram"),
     "capture": ("repsim.capture", "capture"),
     "extract": ("repsim.capture", "extract"),
     "compare": ("repsim.compare", "compare"),

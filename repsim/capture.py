@@ -226,7 +226,7 @@ def capture(
     """Hook ``layers`` of ``model`` and yield an ``Activations`` mapping filled on each forward pass.
 
     Outputs are detached and pooled (see module docstring); ``num_prefix_tokens`` defaults to the model's.
-    ``transform(name, pooled)`` runs inside the hook (e.g. ``gram_vector``) and its result is stored instead, so the
+    ``transform(name, pooled)`` runs inside the hook (e.g. ``feature_gram``) and its result is stored instead, so the
     activation itself is dropped at once. ``eval_mode`` puts the model in eval mode while capturing. On exit, even
     after an exception, every hook is removed and each module's train/eval flag restored.
     """

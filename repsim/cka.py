@@ -29,6 +29,7 @@ from repsim.gram import (
     _ratio,
     centre_gram,
     check_estimator,
+    feature_gram,
     gram_vector,
     linear_gram,
     rbf_gram,
@@ -36,7 +37,8 @@ from repsim.gram import (
 from repsim.minibatch import MinibatchCKA
 from repsim.types import Estimator
 
-__all__ = ["DTYPE_POLICY", "MinibatchCKA", "centre_gram", "cka", "gram_vector", "linear_gram", "rbf_gram"]
+__all__ = ["DTYPE_POLICY", "MinibatchCKA", "centre_gram", "cka", "feature_gram", "gram_vector", "linear_gram",
+           "rbf_gram"]
 
 
 # -------------------------------------------------------------------------------------------------- full-batch CKA

@@ -2,8 +2,8 @@
 (``cka_matrix``).
 
 Each batch goes through every model once. Inside each forward hook the layer's output is pooled, turned into its
-centred-Gram vector (``repsim.gram_vector``) and the activation is dropped at once, so memory is one batch of Grams
-whatever the dataset size. ``MinibatchCKA`` then gives all layer pairs in one float64 matmul per batch.
+Gram of centred features (``repsim.feature_gram``) and the activation is dropped at once, so memory is one batch of
+Grams whatever the dataset size. ``MinibatchCKA`` then gives all layer pairs in one float64 matmul per batch.
 
 Every function returns an ``xarray.Dataset``: ``cka`` over ``(layer_a, layer_b)``, plus ``lower``/``upper`` when a
 ``bootstrap`` is asked for, with the provenance (labels, estimator, sample and batch counts, pooling, processes) in
@@ -26,7 +26,7 @@ import xarray as xr
 from torch import nn
 
 from repsim.capture import capture, open_activations, prepare_input, resolve_layers, split_batch
-from repsim.gram import check_estimator, gram_vector
+from repsim.gram import check_estimator, feature_gram
 from repsim.minibatch import MinibatchCKA
 from repsim.progress import tqdm
 from repsim.shard import shard_batches
@@ -77,7 +77,7 @@ def _model_name(model: nn.Module, fallback: str) -> str:
 def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str]], loader: Iterable[Any], *,
                   pool: Mapping[str, Pool], estimator: Estimator, progress: bool, desc: str, rank: int, world_size: int
                   ) -> Generator[tuple[int, int, dict[str, Mapping[str, torch.Tensor]]], None, None]:
-    """Yield ``(batch index, n, {tag: {layer: gram_vector}})`` for this process's batches, each model run once with
+    """Yield ``(batch index, n, {tag: {layer: feature_gram}})`` for this process's batches, each model run once with
     Grams formed in its hooks. Consume it inside ``contextlib.closing`` so the hooks go as soon as the consumer
     stops, even on an error."""
     batch_n = [0]
@@ -87,7 +87,7 @@ def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str
             if t.shape[0] != batch_n[0]:
                 raise ValueError(f"{tag}:{layer}: output has {t.shape[0]} rows for a batch of {batch_n[0]} samples "
                                  "(not one row per sample)")
-            return gram_vector(t, name=f"{tag}:{layer}", estimator=estimator)
+            return feature_gram(t, name=f"{tag}:{layer}", estimator=estimator)
 
         return transform
 
@@ -180,7 +180,7 @@ def compare(model_a: nn.Module, model_b: nn.Module | None, loader: Iterable[Any]
         for index, n, grams in stream:
             ga = {k: v for k, v in grams["a"].items() if _base(k) in sel_a}
             gb = None if within else {k: v for k, v in grams["a" if same else "b"].items() if _base(k) in sel_b}
-            engine.update_grams(ga, gb, n=n, index=index)
+            engine.update_feature_grams(ga, gb, n=n, index=index)
     return _finish(engine, boot, world_size, pool=pool, **getattr(loader, "normalisation", {}))
 
 
@@ -228,7 +228,7 @@ def compare_many(models: Mapping[str, nn.Module], loader: Iterable[Any], *,
                            rank=rank, world_size=world_size)
     with closing(stream):  # hooks are removed at once if an update raises
         for index, n, grams in stream:
-            engine.update_grams({f"{tag}/{k}": v for tag, g in grams.items() for k, v in g.items()}, None, n=n,
+            engine.update_feature_grams({f"{tag}/{k}": v for tag, g in grams.items() for k, v in g.items()}, None, n=n,
                                 index=index)
     out = _finish(engine, boot, world_size, pool=str(pool) if isinstance(pool, str) else None,
                   **getattr(loader, "normalisation", {}))
@@ -279,8 +279,8 @@ def cka_matrix(ds_a: xr.Dataset | str | os.PathLike[str], ds_b: xr.Dataset | str
     bounds = np.linspace(0, n, math.ceil(n / batch_size) + 1).round().astype(int)
     for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="cka", unit="batch", disable=not progress):
         rows = slice(lo, hi)
-        ga = {str(v): gram_vector(a[v].isel(sample=rows).values, name=f"a:{v}", estimator=estimator) for v in vars_a}
-        gb = None if b is None else {str(v): gram_vector(b[v].isel(sample=rows).values, name=f"b:{v}",
+        ga = {str(v): feature_gram(a[v].isel(sample=rows).values, name=f"a:{v}", estimator=estimator) for v in vars_a}
+        gb = None if b is None else {str(v): feature_gram(b[v].isel(sample=rows).values, name=f"b:{v}",
                                                     estimator=estimator) for v in vars_b or []}
-        engine.update_grams(ga, gb, n=int(hi - lo))
+        engine.update_feature_grams(ga, gb, n=int(hi - lo))
     return _finish(engine, boot, 1)

@@ -1,9 +1,10 @@
 """Gram matrices for CKA: linear and RBF Grams of feature-centred inputs, double and U-centring, the flattened
-centred Gram (``gram_vector``) the minibatch engine takes inner products of, and the HSIC -> CKA ratio.
+feature Gram (``feature_gram``) the minibatch engine stacks, the closed-form centred inner products of stacked Grams
+(``hsic_numerators``), and the HSIC -> CKA ratio.
 
 Numerics: features are centred before any Gram is formed (HSIC is invariant to it), which removes the catastrophic
-cancellation of the raw-Gram Song form when activations have a large mean; Grams are formed in at least float32 and
-every inner product between Grams is taken in float64 by the callers.
+cancellation of the raw-Gram Song form when activations have a large mean; Grams are formed in at least float32, and
+every inner product between Grams, and the closed-form centring of them, is taken in float64.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -99,11 +100,13 @@ def linear_gram(x: torch.Tensor) -> torch.Tensor:
     return symmetric_product(x - x.mean(0, keepdim=True))
 
 
-def gram_block_rows(n: int) -> int:
-    """Rows per block of ``symmetric_product``'s upper triangle: plain matmul (``n``) below 128 rows, then blocks of
-    ``max(64, n // 4)`` rows capped at 256 (measured on 2 CPU threads, interleaved medians against one ``x @ x.T``:
-    1.14x faster at n = 128, 1.25x at 256, 1.34-1.40x at 512 and 1.51-1.56x at 1024 with d = 3,264; bench/gram.py)."""
-    return n if n < 128 else min(256, max(64, n // 4))
+def gram_block_rows(n: int, d: int) -> int:
+    """Rows per block of ``symmetric_product``'s upper triangle for an (n, d) input: ``n`` (one plain matmul) below
+    128 rows or under 48 Mi multiply-adds (n^2 d), else blocks of ``max(64, n // 4)`` rows capped at 256. Measured on
+    2 CPU threads (interleaved medians against one ``x @ x.T`` in two runs of bench/gram_blocks.py): 1.04-1.14x
+    faster at 128 x 3,264, 0.95-1.25x at n = 256 (d = 768-3,264), 1.06-1.4x at 512 and 1.5-1.56x at 1,024; 0.75-0.97x
+    below that size, where the smaller GEMMs lose more speed than the skipped lower triangle saves."""
+    return n if n < 128 or n * n * d < 48 * 2**20 else min(256, max(64, n // 4))
 
 
 def symmetric_product(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,7 @@ def symmetric_product(x: torch.Tensor) -> torch.Tensor:
     copied from their transposes. On a GPU, where small GEMMs are launch-bound, one matmul.
     """
     n = x.shape[0]
-    b = gram_block_rows(n)
+    b = gram_block_rows(n, x.shape[1])
     if x.device.type != "cpu" or b >= n:
         return x @ x.T
     out = torch.empty(n, n, dtype=x.dtype)
@@ -137,39 +140,82 @@ def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     return torch.exp(-d2 / (2 * threshold**2 * med))
 
 
-def gram_vector(x: Any, *, name: str = "activations", estimator: Estimator = "unbiased") -> torch.Tensor:
-    """A layer's centred linear Gram, flattened: ``v_a . v_b = <K_c, L_c>_F`` (length n^2, dtype max(float32, x)).
+def feature_gram(x: Any, *, name: str = "activations", estimator: Estimator = "unbiased") -> torch.Tensor:
+    """The Gram of a layer's feature-centred activations, flattened (length n^2, dtype max(float32, x)): what
+    ``MinibatchCKA.update_feature_grams`` takes.
 
-    U-centred for the unbiased estimator, double-centred (HKH) for the biased one. ``x`` is (n, ...) in any float
-    dtype; features are centred before the Gram is formed, which HSIC is invariant to and which removes the fp32
-    cancellation of large activation means. ``MinibatchCKA.update_grams`` takes the inner products in float64.
-    (The full n^2 vector is kept rather than the strict upper triangle of the symmetric Gram: gathering a triangle
-    costs more than the float64 matmul it would halve.)
-    """
+    It is not yet U- or double-centred: the engine applies that centring in closed form to the stacked Grams of a
+    batch (``hsic_numerators``), instead of three passes over every Gram. ``x`` is (n, ...) in any float dtype;
+    centring the features first, which HSIC is invariant to, removes the fp32 cancellation of large activation means.
+    ``estimator`` sets the smallest batch (4 samples for the unbiased HSIC)."""
     t = _as_matrix(x, name, check=False)
-    n = t.shape[0]
-    _check_n(n, estimator, name)
+    _check_n(t.shape[0], estimator, name)
     k = linear_gram(t)
     # NaN/Inf in any feature spreads through its column mean to every diagonal entry of the centred Gram, and
     # |K_ij| <= sqrt(K_ii K_jj): checking the trace costs O(n), not O(nd) or O(n^2).
     _check_finite(torch.trace(k), name)
-    return centre_gram(k, estimator, inplace=True).reshape(-1)
+    return k.reshape(-1)
 
 
-def _stack64(vecs: Mapping[str, torch.Tensor], names: Sequence[str], n: int, out: torch.Tensor) -> torch.Tensor:
-    """Copy ``gram_vector``s into the float64 (L, n^2) buffer ``out``, converting while copying (one pass)."""
+def gram_vector(x: Any, *, name: str = "activations", estimator: Estimator = "unbiased") -> torch.Tensor:
+    """A layer's centred linear Gram, flattened: ``v_a . v_b = <K_c, L_c>_F`` (length n^2, dtype max(float32, x)).
+
+    U-centred for the unbiased estimator, double-centred (HKH) for the biased one: ``feature_gram`` centred as a
+    matrix, for analyses that want the centred Gram itself (the engine centres in closed form instead)."""
+    k = feature_gram(x, name=name, estimator=estimator)
+    n = math.isqrt(k.numel())
+    return centre_gram(k.view(n, n), estimator, inplace=True).reshape(-1)
+
+
+class StackedGrams(NamedTuple):
+    """One side's ``feature_gram``s of a batch stacked in float64 (L, n^2), with what the closed-form centring needs:
+    each Gram's diagonal and row sums (L, n; off the diagonal for the unbiased estimator) and their totals (L, 1)."""
+
+    grams: torch.Tensor
+    diag: torch.Tensor
+    rows: torch.Tensor
+    total: torch.Tensor
+
+
+def stack_grams(vecs: Mapping[str, torch.Tensor], names: Sequence[str], n: int, out: torch.Tensor,
+                estimator: Estimator) -> StackedGrams:
+    """Copy ``feature_gram``s into the float64 (L, n^2) buffer ``out`` (converting while copying) and take the diagonals
+    and row sums of all of them in one batched pass."""
     for i, key in enumerate(names):
         v = vecs[key]
         if v.ndim != 1 or v.shape[0] != n * n:
-            raise ValueError(f"{key}: expected a gram_vector of length {n * n} for a batch of {n}, "
+            raise ValueError(f"{key}: expected a feature_gram of length {n * n} for a batch of {n}, "
                              f"got shape {tuple(v.shape)}")
         out[i].copy_(v)
-    return out
+    square = out.view(-1, n, n)
+    diag = torch.diagonal(square, dim1=1, dim2=2)
+    rows = square.sum(2)
+    if estimator == "unbiased":
+        rows -= diag
+    return StackedGrams(out, diag, rows, rows.sum(1, keepdim=True))
 
 
-def _sq_norms(g: torch.Tensor) -> torch.Tensor:
-    """Row-wise squared norms as batched dot products (no (L, n^2) temporary)."""
-    return torch.bmm(g.unsqueeze(1), g.unsqueeze(2)).reshape(-1)
+def _dots(u: torch.Tensor, v: torch.Tensor, pairs: bool) -> torch.Tensor:
+    """Inner products of the rows of ``u`` and ``v``: all pairs, or row by row (batched, no (L, m) temporary)."""
+    return u @ v.T if pairs else torch.bmm(u.unsqueeze(1), v.unsqueeze(2)).reshape(-1)
+
+
+def hsic_numerators(a: StackedGrams, b: StackedGrams, n: int, estimator: Estimator, *, pairs: bool = True
+                    ) -> torch.Tensor:
+    """HSIC of every layer pair (L_a, L_b), or of row i with row i (``pairs=False``), from feature Grams.
+
+    The centred inner product in closed form (float64): unbiased, with K^ = K off its diagonal (Song et al. 2012),
+    ``tr(K^L^) + 1'K^1 1'L^1 / ((n-1)(n-2)) - 2/(n-2) 1'K^L^1``; biased,
+    ``tr(KHLH) = tr(KL) - 2/n 1'KL1 + 1'K1 1'L1/n^2`` — each divided by ``n(n-3)`` or ``(n-1)^2``. Equal to
+    U-/double-centring every Gram first (``gram_vector``)."""
+    cross = _dots(a.grams, b.grams, pairs)
+    outer = _dots(a.total, b.total, pairs)
+    if estimator == "unbiased":
+        num = (cross - _dots(a.diag, b.diag, pairs) + outer / ((n - 1) * (n - 2))
+               - 2 / (n - 2) * _dots(a.rows, b.rows, pairs))
+    else:
+        num = cross - 2 / n * _dots(a.rows, b.rows, pairs) + outer / n**2
+    return num / _hsic_norm(n, estimator)
 
 
 def _hsic_norm(n: int, estimator: Estimator) -> float:

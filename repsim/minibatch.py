@@ -1,8 +1,9 @@
 """``MinibatchCKA``: minibatch linear CKA between every pair of layers (Nguyen et al. 2021, Eq. 2) as a metric state.
 
-Per batch, each layer's Gram is formed once, centred (U-centred for the unbiased estimator), flattened, stacked, and
-one float64 matmul gives every layer pair's HSIC. HSICs are averaged over batches (each normalised by its own size,
-so a short last batch counts like the others) and CKA is formed only in ``compute``.
+Per batch, each layer's Gram of centred features is formed once, flattened and stacked in float64; one matmul and
+the closed-form U-centring (or double centring) of Song et al. give every layer pair's HSIC. HSICs are averaged over
+batches (each normalised by its own size, so a short last batch counts like the others) and CKA is formed only in
+``compute``.
 
 The accumulated state is declared once, in ``STATE`` with its reduction over processes (as torchmetrics'
 ``add_state``): ``reset``, ``state_dict``, ``load_state_dict`` and ``all_reduce`` all loop over that table.
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from repsim.gram import DTYPE_POLICY, _check_n, _hsic_norm, _ratio, _sq_norms, _stack64, check_estimator, gram_vector
+from repsim.gram import DTYPE_POLICY, _check_n, _ratio, check_estimator, feature_gram, hsic_numerators, stack_grams
 from repsim.types import Estimator
 
 BATCH_WEIGHTING = ("each batch's HSIC is normalised by its own size (1/(n(n-3)) or 1/(n-1)^2) and batches "
@@ -33,7 +34,7 @@ class MinibatchCKA:
     """Minibatch linear CKA as an update/compute state.
 
     ``update(acts_a)`` compares the layers of one model with each other; ``update(acts_a, acts_b)`` two models;
-    ``update_grams`` takes ``gram_vector``s formed elsewhere (e.g. in forward hooks). ``compute()`` returns the
+    ``update_feature_grams`` takes ``feature_gram``s formed elsewhere (e.g. in forward hooks). ``compute()`` returns the
     ``(layer_a, layer_b)`` matrix, ``bootstrap()`` adds a percentile CI over batches (needs ``keep_batches``).
     ``state_dict`` / ``load_state_dict`` checkpoint the state (plain tensors: ``torch.load(weights_only=True)``
     reads them) and ``all_reduce`` combines the states of ``torch.distributed`` ranks that each saw other batches.
@@ -139,12 +140,12 @@ class MinibatchCKA:
     def update(self, acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None = None, *,
                index: int | None = None) -> None:
         """Add one batch of activations ``{layer: (n, ...)}``; ``acts_b`` None compares ``acts_a`` with itself.
-        ``index``: the batch's position among all processes' batches (see ``update_grams``)."""
+        ``index``: the batch's position among all processes' batches (see ``update_feature_grams``)."""
         n = _batch_size(acts_a, acts_b)
-        vec_a = {k: gram_vector(v, name=k, estimator=self.estimator) for k, v in acts_a.items()}
-        vec_b = None if acts_b is None else {k: gram_vector(v, name=k, estimator=self.estimator)
+        vec_a = {k: feature_gram(v, name=k, estimator=self.estimator) for k, v in acts_a.items()}
+        vec_b = None if acts_b is None else {k: feature_gram(v, name=k, estimator=self.estimator)
                                              for k, v in acts_b.items()}
-        self.update_grams(vec_a, vec_b, n=n, index=index)
+        self.update_feature_grams(vec_a, vec_b, n=n, index=index)
 
     def _buffer(self, side: str, rows: int, n: int, device: torch.device) -> torch.Tensor:
         """A float64 (rows, n^2) stacking buffer kept across batches: a fresh allocation of this size each batch
@@ -154,9 +155,10 @@ class MinibatchCKA:
             buf = self._buffers[side] = torch.empty(rows, n * n, dtype=torch.float64, device=device)
         return buf
 
-    def update_grams(self, vecs_a: Mapping[str, torch.Tensor], vecs_b: Mapping[str, torch.Tensor] | None = None, *,
-                     n: int, index: int | None = None) -> None:
-        """Add one batch given each layer's ``gram_vector``. ``index`` orders the batch among those of all
+    def update_feature_grams(self, vecs_a: Mapping[str, torch.Tensor],
+                             vecs_b: Mapping[str, torch.Tensor] | None = None, *, n: int, index: int | None = None
+                             ) -> None:
+        """Add one batch given each layer's ``feature_gram``. ``index`` orders the batch among those of all
         processes (default: the count so far), so a sharded run's bootstrap sees one process's batch order."""
         if not vecs_a:
             raise ValueError("update needs at least one layer")
@@ -168,15 +170,15 @@ class MinibatchCKA:
         elif names_a != self.layers_a or names_b != self.layers_b:
             raise ValueError(f"layers changed between batches: expected {self.layers_a} / {self.layers_b}, "
                              f"got {names_a} / {names_b}")
-        ga = _stack64(vecs_a, names_a, n, self._buffer("a", len(names_a), n, vecs_a[names_a[0]].device))
-        norm = _hsic_norm(n, self.estimator)
+        est = self.estimator
+        ga = stack_grams(vecs_a, names_a, n, self._buffer("a", len(names_a), n, vecs_a[names_a[0]].device), est)
         if vecs_b is None:
-            cross = (ga @ ga.T) / norm
+            cross = hsic_numerators(ga, ga, n, est)
             da = db = torch.diagonal(cross)
         else:
-            gb = _stack64(vecs_b, names_b or [], n, self._buffer("b", len(vecs_b), n, ga.device))
-            cross = (ga @ gb.T) / norm
-            da, db = _sq_norms(ga) / norm, _sq_norms(gb) / norm
+            gb = stack_grams(vecs_b, names_b or [], n, self._buffer("b", len(vecs_b), n, ga.grams.device), est)
+            cross = hsic_numerators(ga, gb, n, est)
+            da, db = hsic_numerators(ga, ga, n, est, pairs=False), hsic_numerators(gb, gb, n, est, pairs=False)
         cross, da, db = cross.cpu(), da.cpu(), db.cpu()
         if self.keep_batches:
             at = torch.tensor([float(self.n_batches if index is None else index)], dtype=torch.float64)
