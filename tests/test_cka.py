@@ -302,6 +302,44 @@ def test_gram_vector_inner_product() -> None:
         assert float(vx @ vy) / norm == pytest.approx(hsic(ref_linear_gram(x), ref_linear_gram(y)), abs=1e-12)
 
 
+def ref_u_centre(k: np.ndarray) -> np.ndarray:
+    """Szekely & Rizzo's U-centring, entry by entry from its definition (zero diagonal)."""
+    n = len(k)
+    kt = k - np.diag(np.diag(k))
+    r, t = kt.sum(1), kt.sum()
+    out = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + t / ((n - 1) * (n - 2))
+    np.fill_diagonal(out, 0)
+    return out
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_closed_form_centring_matches_centred_grams(offset: float) -> None:
+    """``hsic_numerators`` on stacked feature Grams (all pairs and row by row) equals explicitly U-centred /
+    double-centred Grams' inner products and Song's / tr(KHLH) references, in float64 and from float32 activations
+    with a large mean."""
+    from repsim.gram import feature_gram, hsic_numerators, stack_grams
+
+    rng = np.random.default_rng(5)
+    n = 11
+    acts = {f"l{i}": rng.standard_normal((n, 3 + 4 * i)) * (1 + i) + offset * rng.random(3 + 4 * i) for i in range(3)}
+    for estimator, norm in (("unbiased", n * (n - 3)), ("biased", (n - 1) ** 2)):
+        grams = [ref_linear_gram(x - x.mean(0)) for x in acts.values()]
+        if estimator == "unbiased":
+            centred = [ref_u_centre(k.astype(np.longdouble)) for k in grams]
+        else:
+            h = np.eye(n) - 1 / n
+            centred = [(h @ k @ h).astype(np.longdouble) for k in grams]
+        want = np.array([[float((a * b).sum()) / norm for b in centred] for a in centred])
+        ref = ref_hsic1 if estimator == "unbiased" else ref_hsic0
+        np.testing.assert_allclose(want, [[ref(a, b) for b in grams] for a in grams], rtol=1e-10)
+        for dtype, rtol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+            vecs = {k: feature_gram(x.astype(dtype), estimator=estimator) for k, x in acts.items()}
+            st = stack_grams(vecs, list(vecs), n, torch.empty(3, n * n, dtype=torch.float64), estimator)
+            np.testing.assert_allclose(hsic_numerators(st, st, n, estimator).numpy(), want, rtol=rtol)
+            np.testing.assert_allclose(hsic_numerators(st, st, n, estimator, pairs=False).numpy(), np.diag(want),
+                                       rtol=rtol)
+
+
 # ------------------------------------------------------------------------------------------------ DDP all-reduce
 def _ddp_worker(rank: int, out: str) -> None:
     batches = _batches(17, [6] * 10, {"p": 5, "q": 7})
