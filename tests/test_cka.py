@@ -7,6 +7,8 @@ centring code, so a shared mistake cannot hide.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -322,22 +324,24 @@ def test_closed_form_centring_matches_centred_grams(offset: float) -> None:
     rng = np.random.default_rng(5)
     n = 11
     acts = {f"l{i}": rng.standard_normal((n, 3 + 4 * i)) * (1 + i) + offset * rng.random(3 + 4 * i) for i in range(3)}
-    for estimator, norm in (("unbiased", n * (n - 3)), ("biased", (n - 1) ** 2)):
-        grams = [ref_linear_gram(x - x.mean(0)) for x in acts.values()]
+    for (estimator, norm), dtype in itertools.product((("unbiased", n * (n - 3)), ("biased", (n - 1) ** 2)),
+                                                      (np.float64, np.float32)):
+        cast = {k: x.astype(dtype) for k, x in acts.items()}  # the reference sees the same (rounded) inputs
+        grams = [ref_linear_gram(x.astype(np.longdouble) - x.astype(np.longdouble).mean(0)) for x in cast.values()]
         if estimator == "unbiased":
-            centred = [ref_u_centre(k.astype(np.longdouble)) for k in grams]
+            centred = [ref_u_centre(k) for k in grams]
         else:
-            h = np.eye(n) - 1 / n
-            centred = [(h @ k @ h).astype(np.longdouble) for k in grams]
+            h = np.eye(n, dtype=np.longdouble) - 1 / n
+            centred = [h @ k @ h for k in grams]
         want = np.array([[float((a * b).sum()) / norm for b in centred] for a in centred])
         ref = ref_hsic1 if estimator == "unbiased" else ref_hsic0
         np.testing.assert_allclose(want, [[ref(a, b) for b in grams] for a in grams], rtol=1e-10)
-        for dtype, rtol in ((np.float64, 1e-12), (np.float32, 1e-5)):
-            vecs = {k: feature_gram(x.astype(dtype), estimator=estimator) for k, x in acts.items()}
-            st = stack_grams(vecs, list(vecs), n, torch.empty(3, n * n, dtype=torch.float64), estimator)
-            np.testing.assert_allclose(hsic_numerators(st, st, n, estimator).numpy(), want, rtol=rtol)
-            np.testing.assert_allclose(hsic_numerators(st, st, n, estimator, pairs=False).numpy(), np.diag(want),
-                                       rtol=rtol)
+        vecs = {k: feature_gram(x, estimator=estimator) for k, x in cast.items()}
+        st = stack_grams(vecs, list(vecs), n, torch.empty(3, n * n, dtype=torch.float64), estimator)
+        atol = (1e-12 if dtype == np.float64 else 1e-6) * float(np.abs(np.diag(want)).max())
+        np.testing.assert_allclose(hsic_numerators(st, st, n, estimator).numpy(), want, rtol=0, atol=atol)
+        np.testing.assert_allclose(hsic_numerators(st, st, n, estimator, pairs=False).numpy(), np.diag(want),
+                                   rtol=0, atol=atol)
 
 
 # ------------------------------------------------------------------------------------------------ DDP all-reduce
