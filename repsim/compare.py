@@ -180,7 +180,7 @@ def compare(model_a: nn.Module, model_b: nn.Module | None, loader: Iterable[Any]
         for index, n, grams in stream:
             ga = {k: v for k, v in grams["a"].items() if _base(k) in sel_a}
             gb = None if within else {k: v for k, v in grams["a" if same else "b"].items() if _base(k) in sel_b}
-            engine.update_feature_grams(ga, gb, n=n, index=index)
+            engine.update_grams(ga, gb, n=n, index=index)
     return _finish(engine, boot, world_size, pool=pool, **getattr(loader, "normalisation", {}))
 
 
@@ -228,7 +228,7 @@ def compare_many(models: Mapping[str, nn.Module], loader: Iterable[Any], *,
                            rank=rank, world_size=world_size)
     with closing(stream):  # hooks are removed at once if an update raises
         for index, n, grams in stream:
-            engine.update_feature_grams({f"{tag}/{k}": v for tag, g in grams.items() for k, v in g.items()}, None, n=n,
+            engine.update_grams({f"{tag}/{k}": v for tag, g in grams.items() for k, v in g.items()}, None, n=n,
                                 index=index)
     out = _finish(engine, boot, world_size, pool=str(pool) if isinstance(pool, str) else None,
                   **getattr(loader, "normalisation", {}))
@@ -282,5 +282,5 @@ def cka_matrix(ds_a: xr.Dataset | str | os.PathLike[str], ds_b: xr.Dataset | str
         ga = {str(v): feature_gram(a[v].isel(sample=rows).values, name=f"a:{v}", estimator=estimator) for v in vars_a}
         gb = None if b is None else {str(v): feature_gram(b[v].isel(sample=rows).values, name=f"b:{v}",
                                                     estimator=estimator) for v in vars_b or []}
-        engine.update_feature_grams(ga, gb, n=int(hi - lo))
+        engine.update_grams(ga, gb, n=int(hi - lo))
     return _finish(engine, boot, 1)

@@ -142,7 +142,7 @@ def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
 
 def feature_gram(x: Any, *, name: str = "activations", estimator: Estimator = "unbiased") -> torch.Tensor:
     """The Gram of a layer's feature-centred activations, flattened (length n^2, dtype max(float32, x)): what
-    ``MinibatchCKA.update_feature_grams`` takes.
+    ``MinibatchCKA.update_grams`` takes.
 
     It is not yet U- or double-centred: the engine applies that centring in closed form to the stacked Grams of a
     batch (``hsic_numerators``), instead of three passes over every Gram. ``x`` is (n, ...) in any float dtype;

@@ -34,7 +34,7 @@ class MinibatchCKA:
     """Minibatch linear CKA as an update/compute state.
 
     ``update(acts_a)`` compares the layers of one model with each other; ``update(acts_a, acts_b)`` two models;
-    ``update_feature_grams`` takes ``feature_gram``s formed elsewhere (e.g. in forward hooks). ``compute()`` returns the
+    ``update_grams`` takes ``feature_gram``s formed elsewhere (e.g. in forward hooks). ``compute()`` returns the
     ``(layer_a, layer_b)`` matrix, ``bootstrap()`` adds a percentile CI over batches (needs ``keep_batches``).
     ``state_dict`` / ``load_state_dict`` checkpoint the state (plain tensors: ``torch.load(weights_only=True)``
     reads them) and ``all_reduce`` combines the states of ``torch.distributed`` ranks that each saw other batches.
@@ -140,12 +140,12 @@ class MinibatchCKA:
     def update(self, acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None = None, *,
                index: int | None = None) -> None:
         """Add one batch of activations ``{layer: (n, ...)}``; ``acts_b`` None compares ``acts_a`` with itself.
-        ``index``: the batch's position among all processes' batches (see ``update_feature_grams``)."""
+        ``index``: the batch's position among all processes' batches (see ``update_grams``)."""
         n = _batch_size(acts_a, acts_b)
         vec_a = {k: feature_gram(v, name=k, estimator=self.estimator) for k, v in acts_a.items()}
         vec_b = None if acts_b is None else {k: feature_gram(v, name=k, estimator=self.estimator)
                                              for k, v in acts_b.items()}
-        self.update_feature_grams(vec_a, vec_b, n=n, index=index)
+        self.update_grams(vec_a, vec_b, n=n, index=index)
 
     def _buffer(self, side: str, rows: int, n: int, device: torch.device) -> torch.Tensor:
         """A float64 (rows, n^2) stacking buffer kept across batches: a fresh allocation of this size each batch
@@ -155,10 +155,10 @@ class MinibatchCKA:
             buf = self._buffers[side] = torch.empty(rows, n * n, dtype=torch.float64, device=device)
         return buf
 
-    def update_feature_grams(self, vecs_a: Mapping[str, torch.Tensor],
-                             vecs_b: Mapping[str, torch.Tensor] | None = None, *, n: int, index: int | None = None
-                             ) -> None:
-        """Add one batch given each layer's ``feature_gram``. ``index`` orders the batch among those of all
+    def update_grams(self, vecs_a: Mapping[str, torch.Tensor], vecs_b: Mapping[str, torch.Tensor] | None = None, *,
+                     n: int, index: int | None = None) -> None:
+        """Add one batch given each layer's ``feature_gram`` (its centred ``gram_vector`` gives the same result: the
+        closed-form centring of an already centred Gram changes nothing). ``index`` orders the batch among those of all
         processes (default: the count so far), so a sharded run's bootstrap sees one process's batch order."""
         if not vecs_a:
             raise ValueError("update needs at least one layer")

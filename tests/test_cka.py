@@ -344,6 +344,22 @@ def test_closed_form_centring_matches_centred_grams(offset: float) -> None:
                                    rtol=0, atol=atol)
 
 
+def test_update_grams_takes_feature_or_centred_grams() -> None:
+    """The engine's closed-form centring is idempotent: centred Grams (``gram_vector``) give what feature Grams do."""
+    from repsim.gram import feature_gram
+
+    rng = np.random.default_rng(8)
+    batches = [{"p": rng.standard_normal((12, 5)) + 3, "q": rng.standard_normal((12, 9))} for _ in range(3)]
+    for estimator in ("unbiased", "biased"):
+        got = {}
+        for make in (feature_gram, gram_vector):
+            mb = MinibatchCKA(estimator=estimator)
+            for bt in batches:
+                mb.update_grams({k: make(v, estimator=estimator) for k, v in bt.items()}, n=12)
+            got[make.__name__] = mb.compute().values
+        np.testing.assert_allclose(got["gram_vector"], got["feature_gram"], rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ DDP all-reduce
 def _ddp_worker(rank: int, out: str) -> None:
     batches = _batches(17, [6] * 10, {"p": 5, "q": 7})
