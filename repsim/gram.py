@@ -109,15 +109,16 @@ def gram_block_rows(n: int, d: int) -> int:
     return n if n < 128 or n * n * d < 48 * 2**20 else min(256, max(64, n // 4))
 
 
-def symmetric_product(x: torch.Tensor) -> torch.Tensor:
+def symmetric_product(x: torch.Tensor, block_rows: int | None = None) -> torch.Tensor:
     """``x @ x.T`` (n, d) -> (n, n), computing only the upper block triangle and mirroring it.
 
     Row block ``i`` is multiplied by the rows from ``i`` on (``n^2 d (1 + 1/blocks)`` multiply-adds instead of
     ``2 n^2 d``), each product written straight into its place in the result; the strictly lower blocks are then
-    copied from their transposes. On a GPU, where small GEMMs are launch-bound, one matmul.
+    copied from their transposes. ``block_rows`` defaults to ``gram_block_rows(n, d)``. On a GPU, where small GEMMs
+    are launch-bound, one matmul.
     """
     n = x.shape[0]
-    b = gram_block_rows(n, x.shape[1])
+    b = gram_block_rows(n, x.shape[1]) if block_rows is None else block_rows
     if x.device.type != "cpu" or b >= n:
         return x @ x.T
     out = torch.empty(n, n, dtype=x.dtype)

@@ -412,3 +412,5 @@ def test_symmetric_product_is_the_gram(shape: tuple[int, int], dtype: torch.dtyp
         assert float((k.double() - ref).abs().max()) <= scale
         b = gram.gram_block_rows(*shape)
         assert torch.equal(k[b:, :b], k[:b, b:].T)  # lower blocks are copies of the upper ones
+        for rows in (1, 7, shape[0]):  # any explicit block size, a single row included
+            assert float((gram.symmetric_product(xin, rows).double() - ref).abs().max()) <= scale
