@@ -1,6 +1,6 @@
 """Gram matrices for CKA: linear and RBF Grams of feature-centred inputs, double and U-centring, the flattened
 feature Gram (``feature_gram``) the minibatch engine stacks, the closed-form centred inner products of stacked Grams
-(``hsic_numerators``), and the HSIC -> CKA ratio.
+(``hsic_from_grams``), and the HSIC -> CKA ratio.
 
 Numerics: features are centred before any Gram is formed (HSIC is invariant to it), which removes the catastrophic
 cancellation of the raw-Gram Song form when activations have a large mean; Grams are formed in at least float32, and
@@ -119,6 +119,8 @@ def symmetric_product(x: torch.Tensor, block_rows: int | None = None) -> torch.T
     """
     n = x.shape[0]
     b = gram_block_rows(n, x.shape[1]) if block_rows is None else block_rows
+    if b < 1:
+        raise ValueError(f"block_rows must be a positive number of rows, got {b}")
     if x.device.type != "cpu" or b >= n:
         return x @ x.T
     out = torch.empty(n, n, dtype=x.dtype)
@@ -141,21 +143,26 @@ def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     return torch.exp(-d2 / (2 * threshold**2 * med))
 
 
-def feature_gram(x: Any, *, name: str = "activations", estimator: Estimator = "unbiased") -> torch.Tensor:
-    """The Gram of a layer's feature-centred activations, flattened (length n^2, dtype max(float32, x)): what
-    ``MinibatchCKA.update_grams`` takes.
-
-    It is not yet U- or double-centred: the engine applies that centring in closed form to the stacked Grams of a
-    batch (``hsic_numerators``), instead of three passes over every Gram. ``x`` is (n, ...) in any float dtype;
-    centring the features first, which HSIC is invariant to, removes the fp32 cancellation of large activation means.
-    ``estimator`` sets the smallest batch (4 samples for the unbiased HSIC)."""
+def _centred_feature_gram(x: Any, name: str, estimator: Estimator) -> torch.Tensor:
+    """(n, n) Gram of ``x``'s centred features, checked for a batch size the estimator allows and for NaN/Inf."""
     t = _as_matrix(x, name, check=False)
     _check_n(t.shape[0], estimator, name)
     k = linear_gram(t)
     # NaN/Inf in any feature spreads through its column mean to every diagonal entry of the centred Gram, and
     # |K_ij| <= sqrt(K_ii K_jj): checking the trace costs O(n), not O(nd) or O(n^2).
     _check_finite(torch.trace(k), name)
-    return k.reshape(-1)
+    return k
+
+
+def feature_gram(x: Any, *, name: str = "activations", estimator: Estimator = "unbiased") -> torch.Tensor:
+    """The Gram of a layer's feature-centred activations, flattened (length n^2, dtype max(float32, x)): what
+    ``MinibatchCKA.update_grams`` takes.
+
+    It is not yet U- or double-centred: the engine applies that centring in closed form to the stacked Grams of a
+    batch (``hsic_from_grams``), instead of three passes over every Gram. ``x`` is (n, ...) in any float dtype;
+    centring the features first, which HSIC is invariant to, removes the fp32 cancellation of large activation means.
+    ``estimator`` sets the smallest batch (4 samples for the unbiased HSIC)."""
+    return _centred_feature_gram(x, name, estimator).reshape(-1)
 
 
 def gram_vector(x: Any, *, name: str = "activations", estimator: Estimator = "unbiased") -> torch.Tensor:
@@ -163,9 +170,7 @@ def gram_vector(x: Any, *, name: str = "activations", estimator: Estimator = "un
 
     U-centred for the unbiased estimator, double-centred (HKH) for the biased one: ``feature_gram`` centred as a
     matrix, for analyses that want the centred Gram itself (the engine centres in closed form instead)."""
-    k = feature_gram(x, name=name, estimator=estimator)
-    n = math.isqrt(k.numel())
-    return centre_gram(k.view(n, n), estimator, inplace=True).reshape(-1)
+    return centre_gram(_centred_feature_gram(x, name, estimator), estimator, inplace=True).reshape(-1)
 
 
 class StackedGrams(NamedTuple):
@@ -201,9 +206,10 @@ def _dots(u: torch.Tensor, v: torch.Tensor, pairs: bool) -> torch.Tensor:
     return u @ v.T if pairs else torch.bmm(u.unsqueeze(1), v.unsqueeze(2)).reshape(-1)
 
 
-def hsic_numerators(a: StackedGrams, b: StackedGrams, n: int, estimator: Estimator, *, pairs: bool = True
+def hsic_from_grams(a: StackedGrams, b: StackedGrams, n: int, estimator: Estimator, *, pairs: bool = True
                     ) -> torch.Tensor:
-    """HSIC of every layer pair (L_a, L_b), or of row i with row i (``pairs=False``), from feature Grams.
+    """The HSIC estimate (already divided by its normalisation) of every layer pair (L_a, L_b), or of row i with
+    row i (``pairs=False``), from stacked feature Grams.
 
     The centred inner product in closed form (float64): unbiased, with K^ = K off its diagonal (Song et al. 2012),
     ``tr(K^L^) + 1'K^1 1'L^1 / ((n-1)(n-2)) - 2/(n-2) 1'K^L^1``; biased,

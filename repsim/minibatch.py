@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from repsim.gram import DTYPE_POLICY, _check_n, _ratio, check_estimator, feature_gram, hsic_numerators, stack_grams
+from repsim.gram import DTYPE_POLICY, _check_n, _ratio, check_estimator, feature_gram, hsic_from_grams, stack_grams
 from repsim.types import Estimator
 
 BATCH_WEIGHTING = ("each batch's HSIC is normalised by its own size (1/(n(n-3)) or 1/(n-1)^2) and batches "
@@ -173,12 +173,12 @@ class MinibatchCKA:
         est = self.estimator
         ga = stack_grams(vecs_a, names_a, n, self._buffer("a", len(names_a), n, vecs_a[names_a[0]].device), est)
         if vecs_b is None:
-            cross = hsic_numerators(ga, ga, n, est)
+            cross = hsic_from_grams(ga, ga, n, est)
             da = db = torch.diagonal(cross)
         else:
             gb = stack_grams(vecs_b, names_b or [], n, self._buffer("b", len(vecs_b), n, ga.grams.device), est)
-            cross = hsic_numerators(ga, gb, n, est)
-            da, db = hsic_numerators(ga, ga, n, est, pairs=False), hsic_numerators(gb, gb, n, est, pairs=False)
+            cross = hsic_from_grams(ga, gb, n, est)
+            da, db = hsic_from_grams(ga, ga, n, est, pairs=False), hsic_from_grams(gb, gb, n, est, pairs=False)
         cross, da, db = cross.cpu(), da.cpu(), db.cpu()
         if self.keep_batches:
             at = torch.tensor([float(self.n_batches if index is None else index)], dtype=torch.float64)

@@ -316,10 +316,10 @@ def ref_u_centre(k: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_closed_form_centring_matches_centred_grams(offset: float) -> None:
-    """``hsic_numerators`` on stacked feature Grams (all pairs and row by row) equals explicitly U-centred /
+    """``hsic_from_grams`` on stacked feature Grams (all pairs and row by row) equals explicitly U-centred /
     double-centred Grams' inner products and Song's / tr(KHLH) references, in float64 and from float32 activations
     with a large mean."""
-    from repsim.gram import feature_gram, hsic_numerators, stack_grams
+    from repsim.gram import feature_gram, hsic_from_grams, stack_grams
 
     rng = np.random.default_rng(5)
     n = 11
@@ -339,8 +339,8 @@ def test_closed_form_centring_matches_centred_grams(offset: float) -> None:
         vecs = {k: feature_gram(x, estimator=estimator) for k, x in cast.items()}
         st = stack_grams(vecs, list(vecs), n, torch.empty(3, n * n, dtype=torch.float64), estimator)
         atol = (1e-12 if dtype == np.float64 else 1e-6) * float(np.abs(np.diag(want)).max())
-        np.testing.assert_allclose(hsic_numerators(st, st, n, estimator).numpy(), want, rtol=0, atol=atol)
-        np.testing.assert_allclose(hsic_numerators(st, st, n, estimator, pairs=False).numpy(), np.diag(want),
+        np.testing.assert_allclose(hsic_from_grams(st, st, n, estimator).numpy(), want, rtol=0, atol=atol)
+        np.testing.assert_allclose(hsic_from_grams(st, st, n, estimator, pairs=False).numpy(), np.diag(want),
                                    rtol=0, atol=atol)
 
 
@@ -414,3 +414,5 @@ def test_symmetric_product_is_the_gram(shape: tuple[int, int], dtype: torch.dtyp
         assert torch.equal(k[b:, :b], k[:b, b:].T)  # lower blocks are copies of the upper ones
         for rows in (1, 7, shape[0]):  # any explicit block size, a single row included
             assert float((gram.symmetric_product(xin, rows).double() - ref).abs().max()) <= scale
+    with pytest.raises(ValueError, match="block_rows must be a positive number of rows, got 0"):
+        gram.symmetric_product(x, 0)
