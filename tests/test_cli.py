@@ -45,6 +45,16 @@ def test_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "missing.nc does not exist" in debug.stderr
 
 
+def test_pretrained_weights_offline_name_the_model(tmp_path: Path) -> None:
+    """Offline with an empty hub cache, --pretrained on a hub model fails in one line naming the model and the way
+    out, not with the hub library's message alone."""
+    out = subprocess.run([sys.executable, "-m", "repsim", "cka", "--model-a", "test_vit", "--pretrained",
+                          "--n-samples", "16", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         env={**ENV, "HF_HOME": str(tmp_path / "hf")}, timeout=600)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert "test_vit: its pretrained weights could not be loaded" in out.stderr and "--checkpoint-a" in out.stderr
+
+
 def test_cka_with_checkpoint_then_heatmap(tmp_path: Path) -> None:
     torch.manual_seed(0)  # the CLI seeds model A's random init with --seed 0: B loads the same weights
     ckpt = tmp_path / "a.pt"

@@ -100,7 +100,14 @@ def create_timm(
     kwargs = {"num_classes": 0, "in_chans": in_chans, **kwargs}
     if img_size is not None and _takes_img_size(name):
         kwargs.setdefault("img_size", img_size)
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as exc:  # huggingface_hub's "not in the local cache" errors are OSErrors; so are failed downloads
+        if not pretrained:
+            raise
+        raise OSError(f"{name}: its pretrained weights could not be loaded from the hub or its cache ({exc}); "
+                      "offline, give local weights (checkpoint=PATH / --checkpoint-a) or a model whose weights ship "
+                      "in a pip package (efficientnet_lite0/1/2, mobilenetv2_imagenet)") from exc
     return TimmBackbone(model, name=name, img_size=img_size or 224, in_chans=in_chans)
 
 
