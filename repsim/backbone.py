@@ -19,6 +19,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from repsim.files import load_torch
+from repsim.inputs import IMAGENET_MEAN, IMAGENET_STD
 
 # containers that checkpoints commonly wrap a state dict in (timm/DeiT/BLIP: "model", Lightning: "state_dict")
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
@@ -39,8 +40,12 @@ class Backbone(nn.Module):
     # pooling convention in words, for the zoo table
     pooling: str = ""
     # per-channel input normalisation the model's weights expect (ImageNet's unless the weights say otherwise)
-    input_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    input_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    input_mean: tuple[float, ...] = IMAGENET_MEAN
+    input_std: tuple[float, ...] = IMAGENET_STD
+    normalisation_source: str = "ImageNet statistics (no config says otherwise)"
+    # set by repsim.train.runs.load_run: the run folder and its split.json (the images it trained on and held out)
+    run_dir: str | None = None
+    heldout: dict[str, Any] | None = None
     # True when the official checkpoint format uses this module's own names plus others (always converted)
     _official_shares_names: bool = False
 

@@ -98,7 +98,12 @@ def cka(args: argparse.Namespace) -> int:
 def add_heatmap(sub: argparse._SubParsersAction) -> None:
     p = _parser(sub, "heatmap", "re-render a saved CKA result (.nc)", "Draw a CKA result written by repsim (cka.nc).")
     p.add_argument("file", help="a .nc file written by repsim cka, demo or study")
-    p.add_argument("--out", help="PNG path (default: FILE with .png)")
+    p.add_argument("--out", help="figure file; its extension (.png, .pdf, .svg) is the format (default: FILE as .png)")
+    p.add_argument("--title", help="title, kept as given (default: the models, their weights and the data)")
+    p.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the two models on the axes and title")
+    p.add_argument("--layer-names", choices=("names", "indices"), default="names",
+                   help="tick labels: the layers' module names or block indices 0..L-1")
+    p.add_argument("--dpi", type=int, default=300, help="resolution of a PNG")
     p.add_argument("--vmin", type=float, default=0.0, help="colour scale minimum")
     p.add_argument("--vmax", type=float, default=1.0, help="colour scale maximum")
     p.add_argument("--cmap", default="magma", help="matplotlib colour map")
@@ -108,11 +113,14 @@ def add_heatmap(sub: argparse._SubParsersAction) -> None:
 
 
 def heatmap(args: argparse.Namespace) -> int:
-    from repsim.files import load, save_png
+    from repsim.files import figure_format, load, save_figure
     from repsim.plot import heatmap as draw
 
-    fig = draw(load(args.file), vmin=args.vmin, vmax=args.vmax, cmap=args.cmap, annotate=args.annotate)
-    print(f"wrote {save_png(fig, args.out or Path(args.file).with_suffix('.png'))}")
+    out = Path(args.out or Path(args.file).with_suffix(".png"))
+    figure_format(out)  # a wrong extension fails before the file is read or drawn
+    fig = draw(load(args.file), vmin=args.vmin, vmax=args.vmax, cmap=args.cmap, annotate=args.annotate,
+               title=args.title, labels=args.labels, layer_names=args.layer_names)
+    print(f"wrote {save_figure(fig, out, dpi=args.dpi)}")
     return 0
 
 

@@ -5,20 +5,25 @@ Each batch goes through every model once. Inside each forward hook the layer's o
 Gram of centred features (``repsim.feature_gram``) and the activation is dropped at once, so memory is one batch of
 Grams whatever the dataset size. ``MinibatchCKA`` then gives all layer pairs in one float64 matmul per batch.
 
+Each model is fed inputs in its own normalisation (``repsim.inputs``: what its weights expect, or what its run
+trained with): the loader's images are renormalised per model, so two architectures never share one model's
+statistics by accident.
+
 Every function returns an ``xarray.Dataset``: ``cka`` over ``(layer_a, layer_b)``, plus ``lower``/``upper`` when a
-``bootstrap`` is asked for, with the provenance (labels, estimator, sample and batch counts, pooling, processes) in
-``Dataset.attrs``. Under ``torchrun`` each process takes whole batches (batch ``i`` goes to rank ``i % world``), the
-states are all-reduced, and the result equals one process's.
+``bootstrap`` is asked for, with the provenance (labels, estimator, sample and batch counts, pooling, each model's
+input normalisation, processes) in ``Dataset.attrs``. Under ``torchrun`` each process takes whole batches (batch
+``i`` goes to rank ``i % world``), the states are all-reduced, and the result equals one process's.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,6 +32,7 @@ from torch import nn
 
 from repsim.capture import capture, open_activations, prepare_input, resolve_layers, split_batch
 from repsim.gram import check_estimator, feature_gram
+from repsim.inputs import model_normalisation, renormaliser
 from repsim.minibatch import MinibatchCKA
 from repsim.progress import tqdm
 from repsim.shard import shard_batches
@@ -34,6 +40,8 @@ from repsim.shard import world as process_world
 from repsim.types import Estimator, Pool
 
 Layers = str | Sequence[str]
+Normalise = Literal["model", "loader"]
+InputMap = Callable[[torch.Tensor], torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -74,12 +82,43 @@ def _model_name(model: nn.Module, fallback: str) -> str:
     return name if isinstance(name, str) and name else fallback
 
 
+def _input_maps(models: Mapping[str, nn.Module], labels: Mapping[str, str], loader: Iterable[Any],
+                normalise: Normalise) -> tuple[dict[str, InputMap], dict[str, Any]]:
+    """Per model: the map from the loader's inputs to the model's own normalisation (None: fed as loaded), and the
+    provenance attrs (the loader's normalisation and, as JSON, what each model was fed)."""
+    if normalise not in ("model", "loader"):
+        raise ValueError(f"normalise must be 'model' (each model's own) or 'loader' (as loaded), got {normalise!r}")
+    given = dict(getattr(loader, "normalisation", {}))
+    source = (given.pop("input_mean", None), given.pop("input_std", None))
+    attrs = {("loader_" + k if k == "normalisation" else k): v for k, v in given.items()}
+    if source[0] is not None:
+        attrs.update(loader_mean=list(source[0]), loader_std=list(source[1]))
+    maps: dict[str, InputMap] = {}
+    fed: dict[str, dict[str, Any]] = {}
+    for tag, model in models.items():
+        own = model_normalisation(model) if normalise == "model" else None
+        if own is None or source[0] is None:
+            why = ("as loaded (normalise='loader')" if normalise == "loader" else
+                   "as loaded (the model has no input_mean/input_std)" if own is None else
+                   "as loaded (the loader declares no mean/std to convert from)")
+            maps[tag] = None
+            fed[labels[tag]] = {"mean": None if source[0] is None else list(source[0]),
+                                "std": None if source[1] is None else list(source[1]), "rule": why}
+            continue
+        maps[tag] = renormaliser((tuple(source[0]), tuple(source[1])), own, len(source[0]))
+        fed[labels[tag]] = {"mean": list(own[0]), "std": list(own[1]), "rule": "the model's own: " + str(
+            getattr(model, "normalisation_source", "its input_mean/input_std"))}
+    attrs["input_normalisation"] = json.dumps(fed)
+    return maps, attrs
+
+
 def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str]], loader: Iterable[Any], *,
-                  pool: Mapping[str, Pool], estimator: Estimator, progress: bool, desc: str, rank: int, world_size: int
+                  pool: Mapping[str, Pool], estimator: Estimator, progress: bool, desc: str, rank: int,
+                  world_size: int, inputs: Mapping[str, InputMap]
                   ) -> Generator[tuple[int, int, dict[str, Mapping[str, torch.Tensor]]], None, None]:
-    """Yield ``(batch index, n, {tag: {layer: feature_gram}})`` for this process's batches, each model run once with
-    Grams formed in its hooks. Consume it inside ``contextlib.closing`` so the hooks go as soon as the consumer
-    stops, even on an error."""
+    """Yield ``(batch index, n, {tag: {layer: feature_gram}})`` for this process's batches, each model run once on
+    its own input (``inputs[tag]`` maps the loader's batch to it) with Grams formed in its hooks. Consume it inside
+    ``contextlib.closing`` so the hooks go as soon as the consumer stops, even on an error."""
     batch_n = [0]
 
     def to_gram(tag: str) -> Any:
@@ -99,8 +138,9 @@ def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str
                                  disable=not progress or rank != 0):
             x, _ = split_batch(batch)
             batch_n[0] = int(x.shape[0])
-            for m in models.values():
-                m(prepare_input(x, m))
+            for tag, m in models.items():
+                xm, to_model = prepare_input(x, m), inputs[tag]
+                m(xm if to_model is None else to_model(xm))
             yield index, batch_n[0], {tag: dict(a) for tag, a in acts.items()}
 
 
@@ -130,7 +170,8 @@ def _labels(labels: Sequence[str] | None, default: tuple[str, str]) -> tuple[str
 def compare(model_a: nn.Module, model_b: nn.Module | None, loader: Iterable[Any], *, layers_a: Layers | None = None,
             layers_b: Layers | None = None, labels: Sequence[str] | None = None, pool: Pool = "flatten",
             device: str | torch.device | None = None, estimator: Estimator = "unbiased",
-            bootstrap: Bootstrap | int | None = None, progress: bool = True) -> xr.Dataset:
+            bootstrap: Bootstrap | int | None = None, normalise: Normalise = "model", progress: bool = True
+            ) -> xr.Dataset:
     """Minibatch CKA between the layers of two models (or of one model with itself) over ``loader``.
 
     Args:
@@ -144,6 +185,8 @@ def compare(model_a: nn.Module, model_b: nn.Module | None, loader: Iterable[Any]
             before/after comparison of one architecture).
         device: move both models there (default: each runs where its parameters are).
         bootstrap: a ``Bootstrap`` (or a number of resamples) adds ``lower``/``upper``.
+        normalise: ``"model"``: each model gets the loader's images in its own normalisation (``repsim.inputs``;
+            the loader's ``normalisation`` attribute says what it applied); ``"loader"``: both get them as loaded.
 
     Returns:
         Dataset with ``cka`` (layer_a, layer_b) [``lower``, ``upper``]; provenance in ``attrs``.
@@ -174,14 +217,15 @@ def compare(model_a: nn.Module, model_b: nn.Module | None, loader: Iterable[Any]
     tags = {"a": model_a} if same else {"a": model_a, "b": mb}
     layers = {"a": list(dict.fromkeys(names_a + names_b))} if same else {"a": names_a, "b": names_b}
     sel_a, sel_b = set(names_a), set(names_b)
+    inputs, provenance = _input_maps(tags, {"a": label_a, "b": label_b}, loader, normalise)
     stream = _stream_grams(tags, layers, loader, pool=dict.fromkeys(tags, pool), estimator=estimator,
-                           progress=progress, desc="cka", rank=rank, world_size=world_size)
+                           progress=progress, desc="cka", rank=rank, world_size=world_size, inputs=inputs)
     with closing(stream):
         for index, n, grams in stream:
             ga = {k: v for k, v in grams["a"].items() if _base(k) in sel_a}
             gb = None if within else {k: v for k, v in grams["a" if same else "b"].items() if _base(k) in sel_b}
             engine.update_grams(ga, gb, n=n, index=index)
-    return _finish(engine, boot, world_size, pool=pool, **getattr(loader, "normalisation", {}))
+    return _finish(engine, boot, world_size, pool=pool, **provenance)
 
 
 def _base(key: str) -> str:
@@ -192,9 +236,11 @@ def _base(key: str) -> str:
 def compare_many(models: Mapping[str, nn.Module], loader: Iterable[Any], *,
                  layers: Layers | Mapping[str, Layers] | None = None, pool: Pool | Mapping[str, Pool] = "flatten",
                  device: str | torch.device | None = None, estimator: Estimator = "unbiased",
-                 bootstrap: Bootstrap | int | None = None, progress: bool = True) -> xr.Dataset:
-    """One block CKA matrix over the layers of several models: each model runs once per batch and every pair of
-    layers (within and across models) comes from one matmul.
+                 bootstrap: Bootstrap | int | None = None, normalise: Normalise = "model", progress: bool = True
+                 ) -> xr.Dataset:
+    """One block CKA matrix over the layers of several models: each model runs once per batch, on its own input
+    normalisation (``normalise`` as in ``compare``), and every pair of layers (within and across models) comes from
+    one matmul.
 
     ``layers`` and ``pool`` are one spec for all models or a mapping ``{model name: spec}`` (default: each model's
     ``default_layers``). Rows/columns are named ``"<model>/<layer>"`` and carry ``model_*`` and ``module_*``
@@ -224,14 +270,14 @@ def compare_many(models: Mapping[str, nn.Module], loader: Iterable[Any], *,
     pools = {k: (pool[k] if isinstance(pool, Mapping) else pool) for k in models}
     rank, world_size = process_world()
     engine = MinibatchCKA(estimator=estimator, label_a=", ".join(models), keep_batches=boot is not None)
+    inputs, provenance = _input_maps(models, {k: k for k in models}, loader, normalise)
     stream = _stream_grams(models, resolved, loader, pool=pools, estimator=estimator, progress=progress, desc="cka",
-                           rank=rank, world_size=world_size)
+                           rank=rank, world_size=world_size, inputs=inputs)
     with closing(stream):  # hooks are removed at once if an update raises
         for index, n, grams in stream:
             engine.update_grams({f"{tag}/{k}": v for tag, g in grams.items() for k, v in g.items()}, None, n=n,
                                 index=index)
-    out = _finish(engine, boot, world_size, pool=str(pool) if isinstance(pool, str) else None,
-                  **getattr(loader, "normalisation", {}))
+    out = _finish(engine, boot, world_size, pool=str(pool) if isinstance(pool, str) else None, **provenance)
     keys = [str(k) for k in out["layer_a"].values]
     model_of, module_of = [k.split("/", 1)[0] for k in keys], [k.split("/", 1)[1] for k in keys]
     return out.assign_coords(model_a=("layer_a", model_of), module_a=("layer_a", module_of),

@@ -65,6 +65,24 @@ def load_torch(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
                          f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
 
 
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+def figure_format(path: str | os.PathLike[str]) -> str:
+    """The format a figure file's extension names (``png``, ``pdf``, ``svg``); other extensions are refused."""
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"{path}: a figure is written as {', '.join('.' + f for f in FIGURE_FORMATS)}, "
+                         f"not {Path(path).suffix or 'a name without extension'}")
+    return fmt
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
+    """Save a figure atomically in the format its extension names: a file named ``.pdf`` is a PDF."""
+    fmt = figure_format(path)
+    return atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))
+
+
 def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
     """Save a figure as PNG atomically."""
     return atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

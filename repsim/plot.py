@@ -9,6 +9,7 @@ never shown and never registered with pyplot, so scripts and servers can save th
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import textwrap
@@ -75,25 +76,50 @@ def _split(m: Matrix) -> tuple[xr.DataArray, xr.DataArray | None]:
     return m, None
 
 
-def default_title(da: xr.DataArray) -> str:
-    """"<model_a> vs <model_b>" and the estimator / sample count from the matrix's attrs (empty when absent)."""
-    a, b = da.attrs.get("model_a"), da.attrs.get("model_b")
+def _weights(da: xr.DataArray) -> list[str]:
+    """The weights of each side from ``attrs["sources"]`` (``repsim cka``), e.g. ``["pretrained", "random init"]``."""
+    try:
+        return [str(s.get("weights", "")) for s in json.loads(str(da.attrs.get("sources", "[]")))]
+    except (json.JSONDecodeError, AttributeError):
+        return []
+
+
+def default_title(da: xr.DataArray, labels: Sequence[str] | None = None) -> str:
+    """Short: "<model_a> vs <model_b>", their weights when known (random init is always said) and the data, from the
+    matrix's attrs; empty when absent. The details go to ``caption``."""
+    a, b = labels or (da.attrs.get("model_a"), da.attrs.get("model_b"))
+    weights = _weights(da)
+    if len(weights) == 2 and weights[0] != weights[1]:
+        a, b = f"{a} ({weights[0]})", f"{b} ({weights[1]})"
     head = f"{a} vs {b}" if a and b and a != b else str(a or b or "")
+    if weights and len(set(weights)) == 1 and weights[0]:
+        head += f" ({weights[0]})"
+    data = " ".join(str(da.attrs[k]) for k in ("data", "split") if k in da.attrs)
+    return f"{head}, {data}" if head and data else head or data
+
+
+def caption(da: xr.DataArray, annotate: str) -> str:
+    """The details under a figure: estimator, samples and batches, pooling, and what the cells hold."""
     n = f"n={da.attrs['n_samples']}" if "n_samples" in da.attrs else None
-    details = ", ".join(str(x) for x in (da.attrs.get("estimator"), n) if x)
-    return "\n".join(x for x in (head, details) if x)
+    batches = f"{da.attrs['n_batches']} batches" if "n_batches" in da.attrs else None
+    pool = f"pool={da.attrs['pool']}" if "pool" in da.attrs else None
+    return "; ".join(str(x) for x in (da.attrs.get("estimator"), n, batches, pool, CELLS.get(annotate)) if x)
 
 
-def _axis(da: xr.DataArray, side: str) -> tuple[str, list[str]]:
-    """(axis label, tick names) of one axis: ``attrs["axis_<side>"]`` when set, else "<model> layer"; a block of a
-    ``compare_many`` matrix from a single model is labelled with that model and its module names."""
+def _axis(da: xr.DataArray, side: str, label: str | None, layer_names: str) -> tuple[str, list[str]]:
+    """(axis label, tick names) of one axis: ``attrs["axis_<side>"]`` when set, else "<model or label> layer"
+    (block index with ``layer_names="indices"``); a block of a ``compare_many`` matrix from a single model is
+    labelled with that model and its module names."""
     names = [str(n) for n in da[f"layer_{side}"].values]
     models = da.coords.get(f"model_{side}")
     if models is not None and models.ndim == 1 and len(set(models.values.tolist())) == 1:
         names, model = [str(n) for n in da[f"module_{side}"].values], str(models.values[0])
     else:
         model = str(da.attrs.get(f"model_{side}", side))
-    return str(da.attrs.get(f"axis_{side}", f"{model} layer")), names
+    model = label or model
+    if layer_names == "indices":
+        return f"{model} block", [str(i) for i in range(len(names))]
+    return str(da.attrs.get(f"axis_{side}", f"{model} layer")), short_labels(names)
 
 
 def _ticks(labels: list[str], max_ticks: int) -> tuple[list[float], list[str]]:
@@ -124,14 +150,25 @@ def heatmap(
     annotate: str = "auto",
     cbar: bool = True,
     max_ticks: int = 24,
+    labels: Sequence[str] | None = None,
+    layer_names: str = "names",
 ) -> Figure:
     """Draw a ``(layer_a, layer_b)`` CKA matrix (a DataArray, or a result Dataset of ``repsim.compare``).
 
-    Layer 0 is at the bottom-left, tick labels are shortened (``short_labels``), the title defaults to the models
-    and estimator in ``attrs`` and says what the cells hold. ``annotate``: ``"cka"`` writes each cell's CKA,
-    ``"ci"`` CKA ± half its bootstrap CI (needs ``lower``/``upper``), ``"none"`` nothing, ``"auto"`` CKA up to 12x12
-    cells. Draws into ``ax`` when given; returns the Figure (rendered inline by Jupyter), never shown by pyplot.
+    Layer 0 is at the bottom-left, tick labels are shortened (``short_labels``) or block indices
+    (``layer_names="indices"``). The title defaults to a short line (models, their weights, the data:
+    ``default_title``) and a custom ``title`` is kept as given; on a figure of its own, a caption line under it gives
+    the estimator, samples, pooling and what the cells hold. ``labels`` names the two models (default: the attrs').
+    ``annotate``: ``"cka"`` writes each cell's CKA, ``"ci"`` CKA ± half its bootstrap CI (needs ``lower``/``upper``),
+    ``"none"`` nothing, ``"auto"`` CKA up to 12x12 cells. Draws into ``ax`` when given; returns the Figure (rendered
+    inline by Jupyter), never shown by pyplot.
     """
+    if vmin >= vmax:
+        raise ValueError(f"vmin ({vmin}) must be below vmax ({vmax})")
+    if layer_names not in ("names", "indices"):
+        raise ValueError(f"layer_names must be 'names' or 'indices', got {layer_names!r}")
+    if labels is not None and (isinstance(labels, str) or len(labels) != 2):
+        raise ValueError(f"labels must be two names (a, b), got {labels!r}")
     da, width = _split(m)
     if da.dims != ("layer_a", "layer_b"):
         raise ValueError(f"expected dims ('layer_a', 'layer_b'), got {da.dims}")
@@ -139,29 +176,38 @@ def heatmap(
         annotate = "cka" if max(da.shape) <= 12 else "none"
     if annotate not in CELLS:
         raise ValueError(f"annotate must be one of {['auto', *CELLS]}, got {annotate!r}")
-    if ax is None:
-        cell = 0.55 if annotate == "ci" else 0.35
-        size = (1.8 + cell * max(6, da.sizes["layer_b"]), 1.4 + cell * 0.85 * max(6, da.sizes["layer_a"]))
+    own = ax is None
+    if ax is None:  # cells big enough for 8 pt text: 0.5 in (CKA) or 0.75 in (CKA ± CI) at paper print size
+        cell = (0.75 if annotate == "ci" else 0.5) if annotate != "none" else 0.3
+        size = (2.2 + cell * max(6, da.sizes["layer_b"]), 1.9 + cell * 0.9 * max(6, da.sizes["layer_a"]))
         ax = ReprFigure(figsize=size, layout="constrained").add_subplot()
     sns.heatmap(
         np.asarray(da.values, dtype=float), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=cbar,
         cbar_kws={"label": "CKA"} if cbar else None, annot=_cells(da, width, annotate), fmt="",
-        annot_kws={"fontsize": 6}, xticklabels=False, yticklabels=False,
+        annot_kws={"fontsize": 8 if own else 6}, xticklabels=False, yticklabels=False,
     )
     ax.invert_yaxis()  # row 0 (first layer) at the bottom
-    (label_a, names_a), (label_b, names_b) = _axis(da, "a"), _axis(da, "b")
-    xt, xl = _ticks(short_labels(names_b), max_ticks)
-    yt, yl = _ticks(short_labels(names_a), max_ticks)
-    ax.set_xticks(xt, xl, rotation=90, fontsize=7)
-    ax.set_yticks(yt, yl, rotation=0, fontsize=7)
+    given = [None, None] if labels is None else list(labels)
+    (label_a, names_a), (label_b, names_b) = (_axis(da, "a", given[0], layer_names),
+                                              _axis(da, "b", given[1], layer_names))
+    xt, xl = _ticks(names_b, max_ticks)
+    yt, yl = _ticks(names_a, max_ticks)
+    ax.set_xticks(xt, xl, rotation=90, fontsize=8)
+    ax.set_yticks(yt, yl, rotation=0, fontsize=8)
     ax.set_xlabel(label_b)
     ax.set_ylabel(label_a)
-    text = default_title(da) if title is None else title
-    if CELLS[annotate]:
-        text = f"{text}\n({CELLS[annotate]})" if text else f"({CELLS[annotate]})"
     fig = _figure(ax)
     share = ax.get_position().width if ax.get_position().width < 1 else 1.0
-    ax.set_title(_wrap(text, fig, share, 9), fontsize=9)
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+    elif own:
+        ax.set_title(_wrap(default_title(da, labels), fig, share, 10), fontsize=10)
+    else:  # a panel of a grid: the short title and what the cells hold
+        text = "\n".join(x for x in (default_title(da, labels), f"({CELLS[annotate]})" if CELLS[annotate] else "")
+                         if x)
+        ax.set_title(_wrap(text, fig, share, 9), fontsize=9)
+    if own:
+        fig.supxlabel(_wrap(caption(da, annotate), fig, 1.0, 7), fontsize=7, color="0.3")
     return fig
 
 
@@ -196,6 +242,9 @@ def heatmap_grid(
     fig.colorbar(axes.flat[0].collections[0], ax=list(axes.flat), label="CKA", shrink=0.8)
     if title:
         fig.suptitle(_wrap(title, fig, 1.0, 10), fontsize=10)
+    first, _ = _split(matrices[0])
+    shown = ("cka" if max(first.shape) <= 12 else "none") if annotate == "auto" else annotate
+    fig.supxlabel(_wrap(caption(first, shown), fig, 1.0, 7), fontsize=7, color="0.3")
     return fig
 
 
@@ -205,7 +254,7 @@ def _diag(ds: xr.Dataset | xr.DataArray, var: str = "cka") -> np.ndarray:
 
 
 def diagonal(
-    results: Mapping[str, xr.Dataset | Sequence[xr.Dataset]],
+    results: xr.Dataset | Mapping[str, xr.Dataset | Sequence[xr.Dataset]],
     *,
     null: Sequence[xr.Dataset] | xr.Dataset | None = None,
     ax: Axes | None = None,
@@ -217,8 +266,18 @@ def diagonal(
     A single Dataset draws its diagonal with the bootstrap CI as a band (when it has ``lower``/``upper``); a list
     (e.g. one per seed) draws the mean with the min–max over the list as the band. ``null`` (one or several
     Datasets, e.g. two independently trained models) is drawn as a grey band: a layer whose line falls into it changed
-    as much as two unrelated trainings differ.
+    as much as two unrelated trainings differ. ``results`` may also be one Dataset (labelled by its models).
     """
+    if isinstance(results, (xr.Dataset, xr.DataArray)):
+        a, b = results.attrs.get("model_a", "a"), results.attrs.get("model_b", "b")
+        results = {f"{a} vs {b}" if a != b else str(a): results}
+    if not isinstance(results, Mapping) or not all(
+            isinstance(v, (xr.Dataset, xr.DataArray)) or (isinstance(v, Sequence) and not isinstance(v, str)
+                                                         and all(isinstance(d, (xr.Dataset, xr.DataArray)) for d in v))
+            for v in results.values()):
+        raise TypeError("diagonal takes a CKA Dataset or a dict {label: Dataset or list of Datasets}, got "
+                        f"{type(results).__name__}" + (f" of {sorted(map(str, results))}" if isinstance(
+                            results, Mapping) else ""))
     if ax is None:
         ax = ReprFigure(figsize=(5.0, 3.4), layout="constrained").add_subplot()
     if null is not None:

@@ -6,19 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from repsim.compare import Bootstrap, compare
 from repsim.files import save_netcdf, save_png
 from repsim.types import Estimator, Pool
-
-
-def _run_normalisation(run: Path) -> tuple[list[float], list[float]] | None:
-    """The mean/std a run's data was normalised with, when its config fixed them."""
-    data = yaml.safe_load((run / "config.yaml").read_text()).get("data", {}) if (run / "config.yaml").exists() else {}
-    return (data["mean"], data["std"]) if data.get("mean") and data.get("std") else None
 
 
 def compare_models(model_a: str | Path, model_b: str | Path | None, data: str, out: Path | None, *,
@@ -32,9 +23,10 @@ def compare_models(model_a: str | Path, model_b: str | Path | None, data: str, o
     """CKA between two backbones given by name or run folder on ``data``; writes ``out/cka.nc`` and ``out/cka.png``
     (on rank 0 under torchrun) and returns their paths (None on other ranks).
 
-    A run folder gives its backbone at ``which`` (init or best), its input size and its data normalisation;
-    ``pretrained`` models are fed the input normalisation their weights expect; otherwise the data's own. Labels
-    default to the names (or run folder names, with "(init)" for the starting weights).
+    A run folder gives its backbone at ``which`` (init or best), its input size, and its held-out images: with
+    ``split`` the run's own split (``split.json``) is used where ``data`` is the data it trained on. Each model is fed
+    its own input normalisation (``repsim.inputs``: the run's training normalisation, or what the weights expect).
+    Labels default to the names (or run folder names, with "(init)" for the starting weights).
     """
     import torch
 
@@ -57,13 +49,8 @@ def compare_models(model_a: str | Path, model_b: str | Path | None, data: str, o
     channels = {int(getattr(b, "in_chans", 3)) for b in backbones}
     if len(channels) > 1:
         raise ValueError(f"the models read images of {sorted(channels)} channels; CKA needs one input for both")
-    norm: Any = "dataset"
-    if is_run(model_a) and _run_normalisation(Path(model_a)):
-        norm = tuple(_run_normalisation(Path(model_a)))  # type: ignore[arg-type]
-    elif pretrained:
-        norm = backbones[0]
     data_loader = loader(data, split=split, img_size=img_size, root=data_root or default_root(),
-                         batch_size=batch_size, n_samples=n_samples, normalise=norm, channels=channels.pop(),
+                         batch_size=batch_size, n_samples=n_samples, like=backbones, channels=channels.pop(),
                          num_workers=num_workers)
     result = compare(backbones[0], backbones[1] if len(backbones) > 1 else None, data_loader, layers_a=layers_a,
                      layers_b=layers_b, labels=labels or (names[0], names[-1]), pool=pool, device=device,

@@ -184,7 +184,7 @@ def test_loader_normalisation_goes_into_attrs(data_root) -> None:
                                 n_samples=40)
     assert [len(b) for b in loader.batch_sampler] == [20, 20]  # near-equal, none below batch_size
     ds = compare(mlp_image(), None, loader, layers_a=["1"], progress=False)
-    assert ds.attrs["normalisation"] == "dataset statistics" and len(ds.attrs["input_mean"]) == 3
+    assert ds.attrs["loader_normalisation"] == "dataset statistics" and len(ds.attrs["loader_mean"]) == 3
     assert ds.attrs["split"] == "test" and ds.attrs["img_size"] == 32
 
 

@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from repsim.inputs import IMAGENET_MEAN, IMAGENET_STD
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # MedMNIST v2 flags: class count, task and the metric the paper would select on for that kind of task.

@@ -8,6 +8,7 @@ which mean/std were used; ``repsim.compare`` copies it into the result's attrs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from repsim.data.datasets import IMAGE_EXTS, DatasetInfo, ImageDataset, Source, with_channels
 from repsim.data.transforms import build_transform
+from repsim.inputs import per_channel
 
 Normalise = str | tuple[Sequence[float], Sequence[float]] | Any
 
@@ -72,21 +74,57 @@ def _source(data: str, root: str | Path | None, split: str) -> tuple[Source, lis
     return source, list(range(len(source)))
 
 
-def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | Path | None = None,
+def _heldout(source: Source, indices: list[int], split: str, like: Sequence[Any]) -> tuple[list[int], str]:
+    """``indices`` narrowed to the images every run in ``like`` held out as ``split`` (their ``heldout`` record, read
+    from the run's ``split.json`` by ``load_run``), and where the split came from. A run's split applies when it was
+    trained on this dataset (same name) or when this data holds images the run trained on."""
+    where = "the data's own"
+    for model in like:
+        held = getattr(model, "heldout", None)
+        if not held:
+            continue
+        train_ids = set(held.get("train", ()))
+        if held.get("dataset") != source.info.name and not train_ids.intersection(source.ids):
+            continue  # another dataset: none of its images were seen in training
+        if split not in held:
+            raise ValueError(f"{getattr(model, 'run_dir', 'the run')} has no {split!r} split; it has "
+                             f"{sorted(k for k in held if k != 'dataset')}")
+        keep = set(held[split])
+        indices = [i for i in range(len(source)) if source.ids[i] in keep]
+        if not indices:
+            raise ValueError(f"none of the {split} images of {getattr(model, 'run_dir', 'the run')} are in "
+                             f"{source.info.name}")
+        where = f"the held-out {split} split of run {getattr(model, 'run_dir', '?')} (its split.json)"
+    return indices, where
+
+
+def loader(data: str, *, split: str = "test", img_size: int | None = None, root: str | Path | None = None,
            batch_size: int = 64, n_samples: int | None = None, normalise: Normalise = "dataset",
-           channels: int = 3, num_workers: int = 0, seed: int = 0) -> DataLoader:
+           channels: int | None = None, like: Any = None, num_workers: int = 0, seed: int = 0) -> DataLoader:
     """Evaluation images for CKA as a DataLoader of ``(x, y)`` batches of ``channels``-channel ``img_size`` images.
 
     Args:
         data: ``"synthetic"`` (repsim's built-in textures), a dataset name (``"retinamnist"``, ... read from
             ``root``), a ``.npz`` file with MedMNIST keys, or an image folder (class sub-folders or flat).
-        split: the split of data that has one (MedMNIST: train, val, test); folders are used whole.
+        split: the split of data that has one (MedMNIST: train, val, test); folders are used whole, unless a run
+            in ``like`` split them (then its held-out ``split``).
         n_samples: the first ``n_samples`` of the split.
         normalise: ``"dataset"`` (the data's own mean/std: the paper's per-dataset normalisation), a model
             (its ``input_mean``/``input_std``: what pretrained weights expect) or a ``(mean, std)`` pair.
+            ``repsim.compare`` converts each model's input to the model's own normalisation whatever this is.
+        like: a model, or several, to take the input from: image size and channels (``img_size``/``in_chans``),
+            normalisation, and for a run's backbone (``repsim.train.runs.load_run``) the images the run held out,
+            so its training images never enter the CKA. Explicit arguments win over it.
     """
     from repsim.data.synthetic import SyntheticPatterns
 
+    likes = [] if like is None else list(like) if isinstance(like, (list, tuple)) else [like]
+    first = likes[0] if likes else None
+    img_size = int(img_size or getattr(first, "img_size", 0) or 224)
+    channels = int(channels or getattr(first, "in_chans", 0) or 3)
+    if first is not None and isinstance(normalise, str) and normalise == "dataset" and hasattr(first, "input_mean"):
+        normalise = first
+    extra: dict[str, Any] = {}
     if data == "synthetic":
         if channels != 3:
             raise ValueError(f"the synthetic data has 3 channels, not {channels}")
@@ -94,6 +132,7 @@ def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | P
         norm: dict[str, Any] = {"normalisation": "synthetic data: drawn with about zero mean and unit variance"}
     else:
         source, indices = _source(data, root, split)
+        indices, extra["split_from"] = _heldout(source, indices, split, likes)
         info = with_channels(source.info, channels)
         if isinstance(normalise, str):
             if normalise != "dataset":
@@ -102,7 +141,8 @@ def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | P
         elif isinstance(normalise, tuple):
             (mean, std), what = normalise, "given"
         else:
-            mean, std = normalise.input_mean, normalise.input_std
+            mean, std = (per_channel(v, channels, "the model's normalisation")
+                         for v in (normalise.input_mean, normalise.input_std))
             what = f"{getattr(normalise, 'name', type(normalise).__name__)} input normalisation"
         transform = build_transform(img_size, mean, std, train=False)
         dataset = ImageDataset(source, indices, transform, channels=channels)
@@ -111,7 +151,8 @@ def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | P
             if n_samples > len(indices):
                 raise ValueError(f"n_samples={n_samples} exceeds the {len(indices)} samples of {data} ({split})")
             dataset = Subset(dataset, range(n_samples))
+        extra["samples"] = json.dumps([source.ids[i] for i in indices[:len(dataset)]])
     batches = near_equal_batches(len(dataset), batch_size)  # type: ignore[arg-type]
     out = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-    out.normalisation = {**norm, "data": str(data), "split": split, "img_size": img_size}
+    out.normalisation = {**norm, "data": str(data), "split": split, "img_size": img_size, **extra}
     return out

@@ -12,8 +12,6 @@ import pandas as pd
 
 from repsim.data.datasets import (
     IMAGE_EXTS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DatasetInfo,
     Source,
     _fractions,
@@ -22,6 +20,7 @@ from repsim.data.datasets import (
     image_folder,
     medmnist,
 )
+from repsim.inputs import IMAGENET_MEAN, IMAGENET_STD
 
 NIH_CXR14_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
                     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")

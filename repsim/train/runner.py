@@ -30,7 +30,7 @@ from repsim.knn import knn_evaluate
 from repsim.train.config import check_slug, expand, load_spec, parse_overrides
 from repsim.train.loop import train
 from repsim.train.runs import run_dir
-from repsim.train.utils import build_model, check_same_config, distributed, pick_device
+from repsim.train.utils import build_model, check_same_config, describe_weights, distributed, pick_device
 
 
 def train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | None, resume: bool = True,
@@ -79,7 +79,8 @@ def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path 
         c["train"].update(lr=best_lr, seed=seed)
         summaries.append(train_or_reuse(c, run_dir(exp_dir, best_lr, seed), data_root, resume, progress))
     first = summaries[0]
-    results = {"dataset": first["dataset"], "model": first["model"], "scenario": first["scenario"],
+    results = {"dataset": first["dataset"], "model": first["model"], "weights": describe_weights(cfg["model"]),
+               "scenario": first["scenario"],
                "freeze_blocks": first["freeze_blocks"], "decapitate": first["decapitate"],
                "img_size": first["img_size"], "metric": first["metric"], "lr": best_lr, "lr_search": search,
                "seeds": list(range(tc["seeds"])), "test": aggregate(summaries),
@@ -121,7 +122,8 @@ def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None 
     metrics = knn_evaluate(model.backbone, loaders["train_eval"], loaders["test"], task=data.info.task,
                            num_classes=data.info.num_classes, k=kc["k"], temperature=kc["temperature"],
                            label_names=data.info.classes, device=pick_device(cfg["train"]["device"]))
-    result = {"dataset": data.info.name, "model": cfg["model"]["name"], "scenario": "knn",
+    result = {"dataset": data.info.name, "model": cfg["model"]["name"], "weights": describe_weights(cfg["model"]),
+              "scenario": "knn",
               "metric": cfg["train"]["metric"] or data.info.metric, "k": kc["k"], "temperature": kc["temperature"],
               "img_size": record["img_size"], "test": {k: stats([v]) for k, v in metrics.items()}}
     exp_dir.mkdir(parents=True, exist_ok=True)

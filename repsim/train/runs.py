@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +64,17 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
     record = json.loads((run / "model.json").read_text())
     backbone = models.create(record["name"], checkpoint=run / f"backbone_{which}.pt", img_size=record["img_size"],
                              in_chans=record["in_chans"], decapitate=record.get("decapitate"), **record["kwargs"])
+    stats = run_normalisation(run)
+    if stats is not None:  # what the run fed it: the input CKA must give it too (repsim.inputs)
+        backbone.input_mean, backbone.input_std = stats
+        backbone.normalisation_source = f"the training data of run {run}"
+    else:
+        warnings.warn(f"{run} predates recorded input normalisation and its config fixes none: its backbone is fed "
+                      f"{backbone.normalisation_source}, which may not be what it trained with", UserWarning,
+                      stacklevel=2)
+    split = run / "split.json"
+    backbone.run_dir = str(run)
+    backbone.heldout = json.loads(split.read_text()) if split.is_file() else None  # loader(like=) keeps out train
     if part == "backbone":
         return backbone.eval()
     model = models.build_classifier(backbone, record["scenario"], record["num_classes"],
@@ -78,6 +90,20 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
         state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_torch(init)}
     model.load_state_dict(state)
     return model.eval()
+
+
+def run_normalisation(run: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input mean/std a run trained with: from ``model.json`` (runs since 0.4), else the config's fixed
+    ``data.mean``/``data.std``; None for an older run that used its dataset's statistics without recording them."""
+    import yaml
+
+    run = Path(run)
+    record = json.loads((run / "model.json").read_text())
+    if record.get("input_mean") and record.get("input_std"):
+        return tuple(record["input_mean"]), tuple(record["input_std"])
+    config = run / "config.yaml"
+    data = (yaml.safe_load(config.read_text()) or {}).get("data", {}) if config.is_file() else {}
+    return (tuple(data["mean"]), tuple(data["std"])) if data.get("mean") and data.get("std") else None
 
 
 def load_backbone(model: str | Path, *, which: Literal["init", "best"] = "best", pretrained: bool = False,

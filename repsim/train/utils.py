@@ -124,5 +124,15 @@ def build_model(cfg: dict[str, Any], data: Data) -> tuple[FoundationClassifier, 
     record = {"name": model_cfg["name"], "kwargs": kwargs, "img_size": img_size, "in_chans": in_chans,
               "scenario": model_cfg["scenario"], "num_classes": data.info.num_classes, "classifier": classifier,
               "freeze_blocks": model_cfg["freeze_blocks"], "decapitate": model_cfg["decapitate"],
-              "pretrained": bool(model_cfg["pretrained"]), "checkpoint": model_cfg["checkpoint"]}
+              "pretrained": bool(model_cfg["pretrained"]), "checkpoint": model_cfg["checkpoint"],
+              "input_mean": [float(v) for v in data.info.mean or ()],
+              "input_std": [float(v) for v in data.info.std or ()]}
     return model, record
+
+
+def describe_weights(model_cfg: dict[str, Any]) -> str:
+    """The starting weights of a spec's ``model`` block in words: ``pretrained``, ``checkpoint <path>`` or
+    ``random init`` (results of different starts are told apart by it)."""
+    if model_cfg.get("checkpoint"):
+        return f"checkpoint {model_cfg['checkpoint']}"
+    return "pretrained" if model_cfg.get("pretrained") else "random init"
