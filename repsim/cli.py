@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,13 @@ from repsim.types import ESTIMATORS, POOLS
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in every help line, descriptions kept as written."""
+    """Defaults in every help line that has one and does not already say it, descriptions kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _parser(sub: argparse._SubParsersAction, name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -78,17 +85,16 @@ def add_cka(sub: argparse._SubParsersAction) -> None:
 
 
 def cka(args: argparse.Namespace) -> int:
-    import torch
-
     from repsim.workflows import compare_models
 
-    torch.manual_seed(args.seed)
     nc, png = compare_models(
-        args.model_a or args.run_a, args.model_b or args.run_b, args.data, Path(args.out), which=(args.which_a,
+        args.model_a or Path(args.run_a), args.model_b or (args.run_b and Path(args.run_b)), args.data,
+        Path(args.out), which=(args.which_a,
         args.which_b), checkpoints=(args.checkpoint_a, args.checkpoint_b), pretrained=args.pretrained,
         labels=args.labels, layers_a=args.layers, layers_b=args.layers_b, pool=args.pool, data_root=args.data_root,
         split=args.split, img_size=args.img_size, batch_size=args.batch_size, n_samples=args.n_samples,
-        estimator=args.estimator, bootstrap=args.boot or None, device=args.device, num_workers=args.num_workers)
+        estimator=args.estimator, bootstrap=args.boot or None, device=args.device, num_workers=args.num_workers,
+        seed=args.seed)
     if nc is not None:
         print(f"wrote {nc} and {png}")
     return 0
@@ -206,13 +212,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def train(args: argparse.Namespace) -> int:
     from repsim.train.config import expand, load_spec, parse_overrides
-    from repsim.train.runner import run
+    from repsim.train.runner import check_inputs, run
 
     overrides = [f"{key}={getattr(args, f[2:].replace('-', '_'))}" for f, key, _ in _SHORTCUTS
                  if getattr(args, f[2:].replace("-", "_")) is not None] + list(args.overrides)
     if args.dry_run:
         spec = {**load_spec(args.spec), **({"kind": args.kind} if args.kind else {})}
         for name, cfg in expand(spec, parse_overrides(overrides)):
+            check_inputs(cfg, args.data_root)
             print(f"{name}\t{cfg['kind']}\t{cfg['model']['name']}\t{cfg['model']['scenario']}\t{cfg['data']['dataset']}")
         return 0
     results = run(args.spec, data_root=args.data_root, out=args.out, overrides=overrides, resume=args.resume,
@@ -254,6 +261,11 @@ def report(args: argparse.Namespace) -> int:
 COMMANDS = (add_models, add_cka, add_heatmap, add_demo, add_study, add_train, add_report)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    """A warning as one line naming its kind, without the source line Python prints by default."""
+    return f"repsim: {category.__name__}: {message}\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``repsim`` parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="repsim", description=__doc__, formatter_class=_Formatter)
@@ -273,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --debug is accepted anywhere; key=value overrides may come before or after options (argparse alone stops at
     # the first option after a positional list), so what it leaves over joins the overrides
     args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    warnings.formatwarning = _one_line_warning
     if extra:
         if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -280,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"repsim {args.command}: interrupted", file=sys.stderr)
+        hint = {"train": "; rerun it with --resume to continue", "knn": "; rerun it with --resume to continue",
+                "study": "; rerun the same command to continue", "demo": "; rerun the same command to continue"}
+        print(f"repsim {args.command}: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
     except Exception as err:  # one line for the user; the traceback with --debug
         if debug:

@@ -134,7 +134,9 @@ def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str
         acts = {tag: stack.enter_context(capture(m, layers[tag], pool[tag], transform=to_gram(tag)))
                 for tag, m in models.items()}
         stack.enter_context(torch.inference_mode())
+        total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
         for index, batch in tqdm(shard_batches(loader, rank, world_size), desc=desc, unit="batch",
+                                 total=None if total is None else -(-total // world_size),
                                  disable=not progress or rank != 0):
             x, _ = split_batch(batch)
             batch_n[0] = int(x.shape[0])

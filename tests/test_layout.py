@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "repsim"
 # Lower layers first; a module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    {"types", "progress", "files", "shard", "inputs"},
+    {"types", "progress", "files", "shard", "inputs", "threads"},
     {"gram", "minibatch", "cka", "store", "backbone"},
     {"capture", "compare", "plot", "surgery"},
     {"data", "models", "metrics", "specs"},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -142,3 +143,135 @@ def test_row5_python_recipe_equals_the_cli(data_root: Path, folder_run: Path, tm
     other = repsim.data.loader(folder, like=after, normalise=((0.2, 0.3, 0.4), (0.5, 0.5, 0.5)))
     again = repsim.compare(before, after, other, labels=("before", "after"), progress=False)
     np.testing.assert_allclose(again["cka"].values, py["cka"].values, atol=1e-5)
+
+
+def test_row6_random_init_figures_say_so(tmp_path: Path) -> None:
+    out = _cli("cka", "--model-a", "test_resnet", "--img-size", "32", "--n-samples", "16", "--batch-size", "16",
+               "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    ds = repsim.load(tmp_path / "cka.nc")
+    title = repsim.heatmap(ds).axes[0].get_title()  # what `repsim cka` drew into cka.png
+    assert "random init" in title and len(title) < 80
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("repsim cka --model-a")]
+    assert commands and all("--pretrained" in line or "--checkpoint" in line for line in commands)
+
+
+def test_row8_small_samples_shrink_the_bootstrap_batches_or_fail_before_work(tmp_path: Path) -> None:
+    out = _cli("cka", "--model-a", "test_resnet", "--img-size", "32", "--n-samples", "64", "--boot", "50",
+               "--out", str(tmp_path / "ok"))
+    assert out.returncode == 0, out.stderr
+    assert "batches of 6 instead of 64" in out.stderr
+    assert int(repsim.load(tmp_path / "ok" / "cka.nc").attrs["n_batches"]) == 10
+    few = _cli("cka", "--model-a", "test_resnet", "--n-samples", "6", "--boot", "50", "--out", str(tmp_path / "no"))
+    assert few.returncode == 2 and "--n-samples 6 is too few" in few.stderr and not (tmp_path / "no").exists()
+
+
+def test_row9_checks_come_before_any_model_is_built(data_root: Path, tmp_path: Path) -> None:
+    """Bad names, paths and spec keys fail in one line, before a model is built; --dry-run checks all of it."""
+    out = _cli("cka", "--model-a", "efficientnet_lite00", "--out", str(tmp_path))
+    assert out.returncode == 2 and "unknown model 'efficientnet_lite00'" in out.stderr
+    assert "close matches: efficientnet_lite0" in out.stderr
+    spec = tmp_path / "s.yaml"
+    base = {"name": "s", "model": TINY_CNN, "data": {"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist"}}
+    cases = {"dataset: folder": ({"data": {"dataset": "folder", "root": "x"}}, "unknown dataset 'folder'"),
+             "model typo": ({"model": {**TINY_CNN, "name": "efficientnet_lite00"}}, "unknown model"),
+             "img_szie": ({"data": {**base["data"], "img_szie": 32}}, "data keys ['img_szie'] are not understood"),
+             "missing root": ({}, "not found")}
+    import yaml
+
+    for what, (change, message) in cases.items():
+        spec.write_text(yaml.safe_dump({**base, **change}))
+        root = ["--data-root", str(data_root)] if what != "missing root" else ["--data-root", str(tmp_path)]
+        out = _cli("train", "--spec", str(spec), *root, "--out", str(tmp_path / "runs"), "--dry-run")
+        assert out.returncode == 2 and message in out.stderr, (what, out.stderr)
+        assert out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_row10_loader_like_a_grey_run_needs_no_arguments(data_root: Path, tmp_path: Path) -> None:
+    """The README recipe on a 28 px grey run: size, channels, normalisation and split come from the run."""
+    spec = {"name": "grey", "model": {**TINY_CNN, "kwargs": {"in_chans": 1}},
+            "train": {"epochs": 1, "batch_size": 64, "num_workers": 0},
+            "data": {"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist", "img_size": 28, "channels": 1}}
+    grey = _train(spec, data_root, tmp_path)
+    before, after = load_run(grey, "init"), load_run(grey, "best")
+    loader = repsim.data.loader("breastmnist", root=data_root, like=after)
+    x, _ = next(iter(loader))
+    assert x.shape[1:] == (1, 28, 28)
+    ds = repsim.compare(before, after, loader, progress=False)
+    assert np.isfinite(ds["cka"].values).all() and int(ds.attrs["n_samples"]) == 156  # BreastMNIST's test split
+
+
+def test_row11_small_folders_split_stratified(data_root: Path, folder_run: Path) -> None:
+    """70 images of 7 classes (10 each): every split holds every class, so balanced accuracy is not 0 by design."""
+    split = json.loads((folder_run / "split.json").read_text())
+    for part in ("train", "val", "test"):
+        assert {i.split("/")[0] for i in split[part]} == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}, part
+    from repsim.data import split_indices
+
+    with pytest.warns(UserWarning, match="class 1 has 2 group"):
+        split_indices(12, (0.8, 0.1, 0.1), 0, labels=[0] * 10 + [1] * 2)
+
+
+def test_row11_warnings_print_without_source_lines(tmp_path: Path) -> None:
+    out = _cli("cka", "--model-a", "test_resnet", "--img-size", "32", "--n-samples", "32", "--batch-size", "8",
+               "--boot", "20", "--out", str(tmp_path))  # 4 batches: the bootstrap warns below 10
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if "Warning" in line]
+    assert lines and all(line.startswith("repsim: ") for line in lines) and "warnings.warn" not in out.stderr
+
+
+def test_row12_missing_and_unfinished_runs_are_named(folder_run: Path, tmp_path: Path) -> None:
+    out = _cli("cka", "--run-a", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "o"))
+    assert out.returncode == 2 and f"no run folder {tmp_path / 'nonexistent'}" in out.stderr
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for name in ("model.json", "config.yaml", "split.json", "backbone_init.pt", "backbone_best.pt"):
+        (unfinished / name).write_bytes((folder_run / name).read_bytes())
+    out = _cli("cka", "--run-a", str(unfinished), "--out", str(tmp_path / "o"))
+    assert out.returncode == 2 and "has not finished (no summary.json)" in out.stderr
+
+
+def test_row13_an_npz_of_test_images_alone_is_enough_for_cka(data_root: Path, tmp_path: Path) -> None:
+    full = np.load(data_root / "medmnist" / "breastmnist.npz")
+    np.savez(tmp_path / "mine.npz", test_images=full["test_images"], test_labels=full["test_labels"])
+    np.savez(tmp_path / "unlabelled.npz", test_images=full["test_images"])
+    for name in ("mine.npz", "unlabelled.npz"):
+        out = _cli("cka", "--model-a", "test_resnet", "--data", str(tmp_path / name), "--img-size", "28",
+                   "--out", str(tmp_path / name.replace(".npz", "")))
+        assert out.returncode == 0, out.stderr
+        assert int(repsim.load(tmp_path / name.replace(".npz", "") / "cka.nc").attrs["n_samples"]) == 156
+
+
+def test_row14_diagonal_takes_a_dataset_or_a_dict_only() -> None:
+    eye = xr.DataArray(np.diag([0.9, 0.5]), dims=("layer_a", "layer_b"), coords={"layer_a": ["a", "b"],
+                                                                                  "layer_b": ["a", "b"]})
+    ds = xr.Dataset({"cka": eye, "lower": eye - 0.1, "upper": eye + 0.1}, attrs={"model_a": "x", "model_b": "y"})
+    ax = repsim.plot.diagonal(ds).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["x vs y (95% CI)"]  # one line, not cka/lower/upper
+    with pytest.raises(TypeError, match="takes a CKA Dataset or a dict"):
+        repsim.plot.diagonal([ds])  # type: ignore[arg-type]
+
+
+def test_row15_paper_figure_options(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = repsim.models.create("test_resnet", img_size=32).eval()
+    loader = repsim.data.loader("synthetic", img_size=32, n_samples=16, batch_size=16)
+    ds = repsim.compare(model, None, loader, progress=False)
+    fig = repsim.heatmap(ds, title="Fig. 3: ResNet", labels=("ResNet", "ResNet"), layer_names="indices")
+    ax = fig.axes[0]
+    assert ax.get_title() == "Fig. 3: ResNet" and ax.get_xlabel() == "ResNet block"
+    assert [t.get_text() for t in ax.get_xticklabels()][:2] == ["0", "1"]
+    assert min(t.get_fontsize() for t in ax.texts) >= 8  # readable at print size
+
+
+def test_row16_help_progress_and_interrupt(tmp_path: Path) -> None:
+    help_text = _cli("cka", "--help").stdout
+    assert "(default: random init) (default: None)" not in " ".join(help_text.split())
+    out = _cli("cka", "--model-a", "test_resnet", "--img-size", "32", "--n-samples", "32", "--batch-size", "16",
+               "--out", str(tmp_path))
+    assert "2/2" in out.stderr  # the progress bar has a total
+    from repsim.study.stats import paired_difference
+
+    assert math.isnan(paired_difference([0.5], [0.4])["lower"])  # one seed: no interval, printed as words

@@ -141,9 +141,10 @@ def _fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
 
 
 # --------------------------------------------------------------------------------------------------- readers
-def read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` of the ``.npz`` file ``path``, read in full; a file that is missing, truncated, corrupt,
-    not an ``.npz`` archive or holding pickled objects (never loaded) raises one line naming it and why."""
+def read_npz(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (and those of ``optional`` it has) of the ``.npz`` file ``path``, read in full; a file that
+    is missing, truncated, corrupt, not an ``.npz`` archive or holding pickled objects (never loaded) raises one line
+    naming it and why."""
     _require_file(path, "npz file")
     try:
         with open(path, "rb") as fh:
@@ -154,7 +155,7 @@ def read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
                 missing = [k for k in keys if k not in npz.files]
                 if missing:
                     raise ValueError(f"{path}: missing arrays {missing}; it has {sorted(npz.files)}")
-                return {k: npz[k] for k in keys}
+                return {k: npz[k] for k in [*keys, *optional] if k in npz.files}
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
         raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {_first_line(err)})") from None
     except ValueError as err:
@@ -181,17 +182,23 @@ def medmnist(root: Path, flag: str, size: int = 28) -> Source:
     return _npz_source(path, flag, *MEDMNIST[flag])
 
 
-def medmnist_file(path: str | Path) -> Source:
+def medmnist_file(path: str | Path, *, partial: bool = False) -> Source:
     """An ``.npz`` with MedMNIST's ``{train,val,test}_{images,labels}`` arrays, under any file name.
 
     A file named after a MedMNIST flag (``breastmnist.npz``, ``breastmnist_64.npz``) gets that flag's classes and
-    task; any other is read as a single-label dataset whose classes are ``0..max(label)``.
+    task; any other is read as a single-label dataset whose classes are ``0..max(label)``. ``partial=True`` (images
+    for CKA) reads whichever splits the file has, labels or not.
     """
     path = Path(path)
     match = re.fullmatch(r"([a-z]+)(?:_\d+)?", path.stem.lower())
     if match and match.group(1) in MEDMNIST:
-        return _npz_source(path, match.group(1), *MEDMNIST[match.group(1)])
-    labels = read_npz(path, [f"{s}_labels" for s in ("train", "val", "test")])
+        return _npz_source(path, match.group(1), *MEDMNIST[match.group(1)], partial=partial)
+    names = [f"{s}_labels" for s in ("train", "val", "test")]
+    labels = read_npz(path, [], names) if partial else read_npz(path, names)
+    if partial:
+        found = [v.reshape(-1) for v in labels.values()]
+        top = int(max(v.max() for v in found)) if found and all(v.size for v in found) else 0
+        return _npz_source(path, path.stem, top + 1, "multiclass", partial=True)
     flat = np.concatenate([v.reshape(len(v), -1) for v in labels.values()])
     if flat.shape[1] != 1 or not np.issubdtype(flat.dtype, np.integer) or flat.size == 0 or flat.min() < 0:
         raise ValueError(f"{path}: labels must be integers >= 0, one per image, to be read as a single-label "
@@ -203,10 +210,16 @@ def medmnist_file(path: str | Path) -> Source:
     return _npz_source(path, path.stem, num_classes, "binary" if num_classes == 2 else "multiclass")
 
 
-def _npz_source(path: Path, name: str, num_classes: int, kind: str) -> Source:
-    """A MedMNIST-layout ``.npz`` as a Source with its official split; normalisation from the train split."""
-    arrays = read_npz(path, [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")])
-    parts = {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "val", "test")}
+def _npz_source(path: Path, name: str, num_classes: int, kind: str, partial: bool = False) -> Source:
+    """A MedMNIST-layout ``.npz`` as a Source with its official split; normalisation from the train split (from
+    the splits it has, with ``partial``, where labels may be missing too: they read as class 0)."""
+    keys = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
+    arrays = read_npz(path, [] if partial else keys, keys if partial else ())
+    present = [s for s in ("train", "val", "test") if f"{s}_images" in arrays]
+    if not present:
+        raise ValueError(f"{path}: no train_images, val_images or test_images array; it has {sorted(arrays)}")
+    parts = {s: (arrays[f"{s}_images"], arrays.get(f"{s}_labels", np.zeros(len(arrays[f"{s}_images"]), np.int64)))
+             for s in present}
     images = np.concatenate([p[0] for p in parts.values()])
     if images.ndim == 3:
         channels = 1
@@ -227,11 +240,11 @@ def _npz_source(path: Path, name: str, num_classes: int, kind: str) -> Source:
         task, metric = ("multiclass", "kappa") if kind == "ordinal" else _single_label_task(num_classes)
     if task != "multilabel" and (targets.min() < 0 or targets.max() >= num_classes):
         raise ValueError(f"{path}: labels outside 0..{num_classes - 1}")
-    n_train = len(parts["train"][0])
+    n_train = len(parts[present[0]][0])  # the train split, or the first split the file has
     pixels = images[:n_train].reshape(n_train, -1, channels).astype(np.float64) / 255.0
     mean, std = tuple(pixels.mean((0, 1)).tolist()), tuple(pixels.std((0, 1)).tolist())
     bounds = np.cumsum([len(p[0]) for p in parts.values()])
-    official = {s: np.arange(lo, hi) for s, lo, hi in zip(parts, [0, *bounds[:2]], bounds)}
+    official = {s: np.arange(lo, hi) for s, lo, hi in zip(parts, [0, *bounds[:-1]], bounds)}
     ids = [f"{s}/{i}" for s in parts for i in range(len(parts[s][0]))]
     info = DatasetInfo(name, task, [str(c) for c in range(num_classes)], channels, metric, mean, std)
     return Source(images, targets, ids, info, official=official)

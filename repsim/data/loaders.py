@@ -60,7 +60,7 @@ def _source(data: str, root: str | Path | None, split: str) -> tuple[Source, lis
         kwargs = {k: v for k, v in block.items() if k not in ("dataset", "root")}
         source = load_source(block["dataset"], folder, **kwargs)
     elif path.suffix == ".npz":
-        source = medmnist_file(path)
+        source = medmnist_file(path, partial=True)  # CKA needs images only: any splits, labels or not
     elif path.is_dir():
         has_classes = any(p.is_dir() for p in path.iterdir())
         source = image_folder(path) if has_classes else _flat_folder(path)

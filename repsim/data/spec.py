@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,30 @@ class Data:
         write_text(path, json.dumps(doc))
 
 
+def check_data_block(cfg: dict[str, Any], data_root: str | Path | None = None) -> Path:
+    """The resolved root of a spec's ``data`` block, or a one-line error before anything is read: no or an unknown
+    ``dataset``, keys its reader does not take (a typo such as ``img_szie``), a root that does not exist."""
+    if "dataset" not in cfg:
+        raise ValueError("data block needs a 'dataset' key; one of " + ", ".join(sorted(READERS)))
+    reader = READERS.get(cfg["dataset"])
+    if reader is None:
+        raise ValueError(f"unknown dataset {cfg['dataset']!r}; expected one of {', '.join(sorted(READERS))} "
+                         "(an image folder with class sub-folders is dataset: image_folder)")
+    accepted = set(inspect.signature(reader).parameters) - {"root"}
+    unknown = sorted(set(cfg) - GENERAL_KEYS - accepted)
+    if unknown:
+        raise ValueError(f"data keys {unknown} are not understood by dataset {cfg['dataset']!r}; "
+                         f"it accepts {sorted(accepted)} plus {sorted(GENERAL_KEYS)}")
+    root = Path(cfg.get("root", ".")).expanduser()
+    if data_root is not None and not root.is_absolute():
+        root = Path(data_root) / root
+    if not root.exists():
+        raise FileNotFoundError(f"data folder for {cfg['dataset']!r} not found: {root}"
+                                + ("" if data_root is not None else " (relative to the working folder: give "
+                                   "--data-root the folder that holds it)"))
+    return root
+
+
 def prepare(cfg: dict[str, Any], data_root: str | Path | None = None, seed: int = 0) -> Data:
     """Read, split and wrap the dataset described by ``cfg`` (a spec's ``data`` block).
 
@@ -49,20 +72,8 @@ def prepare(cfg: dict[str, Any], data_root: str | Path | None = None, seed: int 
     MedMNIST) or "random" (seeded by ``split_seed``, fractions from the dataset, grouped by patient/lesion);
     the default is official where one exists. ``seed`` seeds the augmentation.
     """
-    if "dataset" not in cfg:
-        raise ValueError("data block needs a 'dataset' key; one of " + ", ".join(sorted(READERS)))
-    root = Path(cfg.get("root", "."))
-    if data_root is not None and not root.is_absolute():
-        root = Path(data_root) / root
-    reader_kwargs = {k: v for k, v in cfg.items() if k not in GENERAL_KEYS}
-    reader = READERS.get(cfg["dataset"])
-    if reader is not None:
-        accepted = set(inspect.signature(reader).parameters) - {"root"}
-        unknown = sorted(set(reader_kwargs) - accepted)
-        if unknown:
-            raise ValueError(f"data keys {unknown} are not understood by dataset {cfg['dataset']!r}; "
-                             f"it accepts {sorted(accepted)} plus {sorted(GENERAL_KEYS)}")
-    source = load_source(cfg["dataset"], root, **reader_kwargs)
+    root = check_data_block(cfg, data_root)
+    source = load_source(cfg["dataset"], root, **{k: v for k, v in cfg.items() if k not in GENERAL_KEYS})
     info = with_channels(source.info, int(cfg.get("channels") or source.info.channels))
     mean, std = tuple(cfg.get("mean") or info.mean or ()), tuple(cfg.get("std") or info.std or ())
     if len(mean) != info.channels or len(std) != info.channels:
@@ -77,7 +88,7 @@ def prepare(cfg: dict[str, Any], data_root: str | Path | None = None, seed: int 
         split = source.official
     elif mode == "random":
         split = split_indices(len(source), cfg.get("fractions") or info.fractions, int(cfg.get("split_seed", 42)),
-                              source.groups)
+                              source.groups, source.targets if info.task != "multilabel" else None)
     else:
         raise ValueError(f"split must be 'official' or 'random', got {mode!r}")
 
@@ -90,12 +101,3 @@ def prepare(cfg: dict[str, Any], data_root: str | Path | None = None, seed: int 
                                 seed=seed) for s in SPLITS}
     datasets["train_eval"] = ImageDataset(source, split["train"], eval_tf, channels=info.channels, seed=seed)
     return Data(source, info, split, datasets)
-
-
-def default_root() -> Path | None:
-    """The real medical data: ``$REPSIM_DATA``, else ``../shared/data`` beside the repository when present."""
-    env = os.environ.get("REPSIM_DATA")
-    if env:
-        return Path(env)
-    root = Path(__file__).resolve().parents[3] / "shared" / "data"  # repsim/data/spec.py -> ../shared/data
-    return root if root.is_dir() else None

@@ -6,6 +6,7 @@ linear head or the paper's stacked DeiT classifier in one of the four frozen/unf
 
 from repsim.backbone import Backbone
 from repsim.models.classifier import SCENARIOS, FoundationClassifier, build_classifier
-from repsim.models.zoo import ZOO, ZooInfo, available, create
+from repsim.models.zoo import ZOO, ZooInfo, available, check_name, create
 
-__all__ = ["SCENARIOS", "ZOO", "Backbone", "FoundationClassifier", "ZooInfo", "available", "build_classifier", "create"]
+__all__ = ["SCENARIOS", "ZOO", "Backbone", "FoundationClassifier", "ZooInfo", "available", "build_classifier",
+           "check_name", "create"]

@@ -97,8 +97,6 @@ def create_timm(
     name: str, *, pretrained: bool, img_size: int | None, in_chans: int, **kwargs: Any
 ) -> TimmBackbone:
     """Any timm model as a Backbone; ``img_size`` is passed on when the architecture takes one (ViTs, not CNNs)."""
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: neither a repsim zoo name nor a timm model name")
     kwargs = {"num_classes": 0, "in_chans": in_chans, **kwargs}
     if img_size is not None and _takes_img_size(name):
         kwargs.setdefault("img_size", img_size)

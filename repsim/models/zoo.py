@@ -131,6 +131,20 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
+def check_name(name: str) -> None:
+    """Raise a one-line ``ValueError`` with close matches when ``name`` is neither a zoo name nor a timm model
+    (checked against the registries, before anything is built)."""
+    import difflib
+
+    import timm
+
+    if name in ZOO or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, [*ZOO, *timm.list_models()], n=4, cutoff=0.75)
+    raise ValueError(f"unknown model {name!r}: neither a repsim zoo name (repsim models) nor a timm model name"
+                     + (f"; close matches: {', '.join(close)}" if close else ""))
+
+
 def create(
     name: str,
     *,
@@ -152,6 +166,7 @@ def create(
     """
     if pretrained and checkpoint is not None:
         raise ValueError("give pretrained=True or checkpoint=PATH, not both")
+    check_name(name)
     entry = ZOO.get(name)
     build = functools.partial(
         entry.build if entry is not None else functools.partial(create_timm, name),

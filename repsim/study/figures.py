@@ -169,8 +169,10 @@ def fig7_diagonal(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
     targets = [t for t, m in cka.items() if any(k.startswith("fig7/") for k in m)]
     if not targets:
         return None
-    fig, axes = _axes(len(targets), "Fig 7: same-block CKA before vs after fine-tuning (unfrozen-linear); grey: "
-                                    "two independently seeded scratch models (null reference)", width=4.6)
+    has_null = any(k.startswith("null/") for t in targets for k in cka[t])
+    fig, axes = _axes(len(targets), "Fig 7: same-block CKA before vs after fine-tuning (unfrozen-linear)" + (
+        "; grey: two independently seeded scratch models (null reference)" if has_null else
+        "; no null reference (it needs two scratch seeds)"), width=4.6)
     for ax, t in zip(axes, targets):
         starts: dict[str, list[xr.Dataset]] = {}
         for key, ds in cka[t].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,8 @@ def tables(study: Study, res: Mapping[str, Any], paired: list[dict], flags: Mapp
         parts += ["", "## Paired differences (same seed; mean and 95% t-interval over seeds)", "",
                   "| Target | Scenario | Difference | metric | mean [95% CI] | verdict |", "|---|---|---|---|---|---|"]
         parts += [f"| {p['target']} | {p['scenario']} | {p['a']} − {p['b']} | {p['metric']} | {p['mean']:+.3f} "
-                  f"[{p['lower']:+.3f}, {p['upper']:+.3f}] | {p['verdict']} |" for p in paired]
+                  + (f"[{p['lower']:+.3f}, {p['upper']:+.3f}]" if math.isfinite(p["lower"]) else
+                     f"(no interval: {p['n']} seed)") + f" | {p['verdict']} |" for p in paired]
     parts += ["", "## LR search (validation metric, seed 0)", "", "| Target | Scenario | Start | values | chosen |",
               "|---|---|---|---|---|"]
     for st_name, by_t in ft.items():

@@ -29,6 +29,7 @@ from repsim.files import load_torch, save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 from repsim.models.classifier import FoundationClassifier
 from repsim.progress import tqdm
+from repsim.threads import auto_threads
 from repsim.train.utils import (
     build_model,
     check_same_config,
@@ -144,6 +145,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
     # --- model (same init on every process: same seed) and its starting weights for CKA
     model, model_record = build_model(cfg, data)
     model.to(device)
+    if device.type == "cpu":  # one thread for a small model: many short ops lose to OpenMP waits (repsim.threads)
+        torch.set_num_threads(auto_threads(model, data.datasets["val"][0][0][None].to(device)))
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
@@ -269,7 +272,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
         "iterations_to_best": state["best_iteration"], "val": {metric_name: state["best"]},
         "test": compute_metrics(task, targets, probs, data.info.classes),
         "inference_ms_per_image": 1000.0 * seconds / len(targets), "train_seconds": state["train_seconds"],
-        "world_size": world, "device": str(device),
+        "world_size": world, "device": str(device), "threads": torch.get_num_threads(),
     }
     if main:
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

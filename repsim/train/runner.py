@@ -27,6 +27,7 @@ import yaml
 from repsim.data import prepare
 from repsim.files import write_text
 from repsim.knn import knn_evaluate
+from repsim.threads import kept_threads
 from repsim.train.config import check_slug, expand, load_spec, parse_overrides
 from repsim.train.loop import train
 from repsim.train.runs import run_dir
@@ -39,7 +40,8 @@ def train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | N
     if (run_dir / "summary.json").exists():
         check_same_config(cfg, run_dir)
         return json.loads((run_dir / "summary.json").read_text())
-    return train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
+    with kept_threads():  # train() picks the threads for its model; the caller's count comes back
+        return train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
 
 
 def stats(values: list[float]) -> dict[str, Any]:
@@ -132,6 +134,22 @@ def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None 
     return result
 
 
+def check_inputs(cfg: dict[str, Any], data_root: str | Path | None) -> None:
+    """One-line errors, before anything is built or read, for what a resolved config names: its data (dataset,
+    keys, root), its model name and its checkpoint file."""
+    from repsim.data.spec import check_data_block
+    from repsim.models import check_name
+
+    try:
+        check_data_block(cfg["data"], data_root)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"{cfg['name']}: {err}") from None
+    check_name(cfg["model"]["name"])
+    checkpoint = cfg["model"].get("checkpoint")
+    if checkpoint and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{cfg['name']}: model.checkpoint {checkpoint} does not exist")
+
+
 def experiment_dir(out: str | Path, spec_name: str, point: str | None) -> Path:
     """``out/<spec_name>/<point>`` (``out/<spec_name>`` for a spec without a grid): both names slugs, the folder
     (symbolic links resolved) inside ``out``."""
@@ -159,6 +177,8 @@ def run(spec: str | Path | Mapping[str, Any], *, data_root: str | Path | None = 
     grid = bool(spec.get("grid"))  # a spec without a grid is one experiment: out/<name>/lr<lr>/seed<k>
     points = [(name, cfg, experiment_dir(out, cfg["name"], name if grid else None))
               for name, cfg in expand(spec, parsed)]
+    for _, cfg, _ in points:  # every experiment is checked before the first one trains
+        check_inputs(cfg, data_root)
     results = {}
     for name, cfg, exp_dir in points:
         if cfg["kind"] == "knn":

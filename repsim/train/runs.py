@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from torch import nn
-
-from repsim.files import load_torch
+if TYPE_CHECKING:  # torch is imported by the loaders only: checking a run folder stays instant
+    from torch import nn
 
 
 def run_dir(exp_dir: str | Path, lr: float, seed: int) -> Path:
@@ -47,34 +47,79 @@ def is_run(path: str | Path) -> bool:
     return all((path / f).is_file() for f in ("model.json", "backbone_init.pt", "backbone_best.pt"))
 
 
+@dataclass
+class RunInputs:
+    """What a run's backbone reads, from the run's files alone (no model is built): its input size and channels, the
+    normalisation it trained with, and its split (``split.json``: the sample ids of train/val/test)."""
+
+    run_dir: str
+    img_size: int
+    in_chans: int
+    input_mean: tuple[float, ...]
+    input_std: tuple[float, ...]
+    normalisation_source: str
+    heldout: dict[str, Any] | None
+
+
+def check_run(run: str | Path) -> Path:
+    """``run`` as a Path when it is a finished trainer run; else a one-line error saying what it is instead."""
+    run = Path(run)
+    if not run.exists():
+        raise FileNotFoundError(f"no run folder {run}")
+    if not is_run(run):
+        raise FileNotFoundError(f"{run} is not a trainer run folder (needs model.json, backbone_init.pt and "
+                                "backbone_best.pt)")
+    if not (run / "summary.json").is_file():
+        raise ValueError(f"{run} has not finished (no summary.json): its best weights may still change; finish it "
+                         "with `repsim train ... --resume` first")
+    return run
+
+
+def run_inputs(run: str | Path) -> RunInputs:
+    """The inputs of a finished run's backbone (``RunInputs``). The normalisation comes from ``model.json`` (runs
+    since repsim 0.4), else the config's fixed ``data.mean``/``data.std``; an older run that used its dataset's
+    statistics without recording them gets ImageNet's, with a warning."""
+    import yaml
+
+    from repsim.inputs import IMAGENET_MEAN, IMAGENET_STD
+
+    run = check_run(run)
+    record = json.loads((run / "model.json").read_text())
+    config = run / "config.yaml"
+    data = (yaml.safe_load(config.read_text()) or {}).get("data", {}) if config.is_file() else {}
+    if record.get("input_mean") and record.get("input_std"):
+        stats, source = (tuple(record["input_mean"]), tuple(record["input_std"])), f"the training data of run {run}"
+    elif data.get("mean") and data.get("std"):
+        stats, source = (tuple(data["mean"]), tuple(data["std"])), f"the training data of run {run}"
+    else:
+        warnings.warn(f"{run} predates recorded input normalisation and its config fixes none: its backbone is fed "
+                      "ImageNet statistics, which may not be what it trained with", UserWarning, stacklevel=2)
+        stats, source = (IMAGENET_MEAN, IMAGENET_STD), "ImageNet statistics (the run did not record its own)"
+    split = run / "split.json"
+    return RunInputs(str(run), int(record["img_size"]), int(record["in_chans"]), *stats, source,
+                     json.loads(split.read_text()) if split.is_file() else None)
+
+
 def load_run(run: str | Path, which: Literal["init", "best"] = "best",
              part: Literal["backbone", "classifier"] = "backbone") -> nn.Module:
-    """A run's backbone (``part="backbone"``) or whole classifier, at initialisation or at its best epoch, in eval
-    mode. The architecture comes from ``model.json``; every tensor from the run's files (read ``weights_only``)."""
+    """A finished run's backbone (``part="backbone"``) or whole classifier, at initialisation or at its best epoch,
+    in eval mode. The architecture comes from ``model.json``; every tensor from the run's files (read
+    ``weights_only``). The backbone carries the run's ``RunInputs``: ``repsim.compare`` feeds it the normalisation it
+    trained with, ``repsim.data.loader(like=...)`` keeps its training images out of a CKA."""
     from repsim import models
+    from repsim.files import load_torch
 
-    run = Path(run)
     if which not in ("init", "best"):
         raise ValueError(f"which must be 'init' or 'best', got {which!r}")
     if part not in ("backbone", "classifier"):
         raise ValueError(f"part must be 'backbone' or 'classifier', got {part!r}")
-    if not is_run(run):
-        raise FileNotFoundError(f"{run} is not a finished trainer run (needs model.json, backbone_init.pt and "
-                                "backbone_best.pt)")
+    inputs = run_inputs(run)
+    run = Path(run)
     record = json.loads((run / "model.json").read_text())
     backbone = models.create(record["name"], checkpoint=run / f"backbone_{which}.pt", img_size=record["img_size"],
                              in_chans=record["in_chans"], decapitate=record.get("decapitate"), **record["kwargs"])
-    stats = run_normalisation(run)
-    if stats is not None:  # what the run fed it: the input CKA must give it too (repsim.inputs)
-        backbone.input_mean, backbone.input_std = stats
-        backbone.normalisation_source = f"the training data of run {run}"
-    else:
-        warnings.warn(f"{run} predates recorded input normalisation and its config fixes none: its backbone is fed "
-                      f"{backbone.normalisation_source}, which may not be what it trained with", UserWarning,
-                      stacklevel=2)
-    split = run / "split.json"
-    backbone.run_dir = str(run)
-    backbone.heldout = json.loads(split.read_text()) if split.is_file() else None  # loader(like=) keeps out train
+    for key in ("input_mean", "input_std", "normalisation_source", "run_dir", "heldout"):
+        setattr(backbone, key, getattr(inputs, key))
     if part == "backbone":
         return backbone.eval()
     model = models.build_classifier(backbone, record["scenario"], record["num_classes"],
@@ -90,20 +135,6 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
         state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_torch(init)}
     model.load_state_dict(state)
     return model.eval()
-
-
-def run_normalisation(run: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The input mean/std a run trained with: from ``model.json`` (runs since 0.4), else the config's fixed
-    ``data.mean``/``data.std``; None for an older run that used its dataset's statistics without recording them."""
-    import yaml
-
-    run = Path(run)
-    record = json.loads((run / "model.json").read_text())
-    if record.get("input_mean") and record.get("input_std"):
-        return tuple(record["input_mean"]), tuple(record["input_std"])
-    config = run / "config.yaml"
-    data = (yaml.safe_load(config.read_text()) or {}).get("data", {}) if config.is_file() else {}
-    return (tuple(data["mean"]), tuple(data["std"])) if data.get("mean") and data.get("std") else None
 
 
 def load_backbone(model: str | Path, *, which: Literal["init", "best"] = "best", pretrained: bool = False,
