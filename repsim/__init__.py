@@ -16,7 +16,7 @@ import sys
 import types as _stdlib_types  # ``types`` itself is the name of the sub-module repsim.types
 from typing import Any
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 if "ipykernel" in sys.modules:  # in Jupyter: silence tqdm's IProgress warning before timm can raise it
     importlib.import_module("repsim.progress")

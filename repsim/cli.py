@@ -38,12 +38,13 @@ def _parser(sub: argparse._SubParsersAction, name: str, help: str, description: 
 # ------------------------------------------------------------------------------------------------------- models
 def add_models(sub: argparse._SubParsersAction) -> None:
     p = _parser(sub, "models", "list the model zoo", "The model zoo: name, source library, parameters, native "
-                "resolution and pooled feature. Any timm model name is accepted as well.")
+                "resolution, pooled feature and where its pretrained weights come from (offline from a pip package "
+                "or a hub download). Any timm model name is accepted as well.")
     p.set_defaults(func=models)
 
 
 def models(args: argparse.Namespace) -> int:
-    from repsim.models.zoo import table
+    from repsim.models.catalogue import table
 
     print(table())
     return 0

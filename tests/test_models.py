@@ -108,6 +108,15 @@ def test_zoo_covers_the_paper_models() -> None:
     assert by_name["dinov2_vitg14"].params > 1_000_000_000
     assert by_name["sam_vitb"].source == "segment-anything" and by_name["sam_vitb"].native_img_size == 1024
     assert by_name["openclip_vitb16"].pooled_dim == 512
+    # the torch-free table of `repsim models` says what the built models say
+    from repsim.models.catalogue import CATALOGUE
+
+    assert list(CATALOGUE) == list(ZOO)
+    for r in rows:
+        row = CATALOGUE[r.name]
+        assert (row.source, row.native_img_size, row.pooled_dim, row.pooling) == (
+            r.source, r.native_img_size, r.pooled_dim, r.pooling), r.name
+        assert round(row.params / 1e5) == round(r.params / 1e5), r.name
 
 
 def _assert_loads_exactly(bb: Backbone, state: dict, path) -> None:

@@ -267,6 +267,12 @@ def test_row15_paper_figure_options(tmp_path: Path) -> None:
 
 
 def test_row16_help_progress_and_interrupt(tmp_path: Path) -> None:
+    models = _cli("models")
+    assert models.returncode == 0 and "pretrained weights" in models.stdout
+    assert "offline" in models.stdout and "needs network" in models.stdout
+    code = "import sys, repsim.cli; repsim.cli.main(['models']); print(sorted(m for m in sys.modules if m == 'torch'))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV).stdout.strip(
+    ).endswith("[]")  # no torch import: instant
     help_text = _cli("cka", "--help").stdout
     assert "(default: random init) (default: None)" not in " ".join(help_text.split())
     out = _cli("cka", "--model-a", "test_resnet", "--img-size", "32", "--n-samples", "32", "--batch-size", "16",

@@ -204,14 +204,3 @@ def _info(name: str) -> ZooInfo:
 def available() -> list[ZooInfo]:
     """The zoo: name, source library, parameter count (at 224 px), native resolution, pooled feature."""
     return [_info(name) for name in ZOO]
-
-
-def table() -> str:
-    """The zoo as a plain-text table (``repsim models``)."""
-    rows = [(r.name, r.source, f"{r.params / 1e6:,.1f}M", str(r.native_img_size), str(r.pooled_dim), r.pooling)
-            for r in available()]
-    header = ("name", "source", "params", "native px", "pooled dim", "pooled feature")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-             for row in [header, tuple("-" * w for w in widths), *rows]]
-    return "\n".join(lines) + "\n\nAny timm model name is accepted as well, e.g. repsim.models.create('resnet18')."
