@@ -44,8 +44,8 @@ def main() -> None:
     os.environ.pop("OMP_NUM_THREADS", None)
     cores = torch.get_num_threads()
     print(f"torch {torch.__version__}, {cores} threads by default; one-thread rule below {SMALL_GFLOP} GFLOP/sample\n")
-    print("| model | px | batch | fwd GFLOP/sample | img/s 1 thread | img/s {0} threads | 1 vs {0} | auto picks |"
-          .format(cores))
+    print(f"| model | px | batch | fwd GFLOP/sample | img/s 1 thread | img/s {cores} threads | 1 vs {cores} "
+          "| auto picks |")
     print("|---|---|---|---|---|---|---|---|")
     for label, name, kwargs, size, batch in CONFIGS:
         torch.manual_seed(0)

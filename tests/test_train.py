@@ -177,7 +177,7 @@ def test_lr_search_seeds_table_and_reuse(data_root, tmp_path, capsys) -> None:
     run(spec, data_root=data_root, out=tmp_path, progress=False)
     assert stamp == [p.stat().st_mtime for p in sorted(tmp_path.rglob("summary.json"))]
     table = markdown_table(collect([tmp_path]))
-    assert "| test_resnet | unfrozen-linear |" in table and "±" in table and "breastmnist, auc" in table
+    assert "| test_resnet | random init | unfrozen-linear |" in table and "±" in table and "breastmnist, auc" in table
     from repsim.cli import main
 
     assert main(["table", str(tmp_path)]) == 0
@@ -238,7 +238,7 @@ def test_bad_input_gives_clear_errors(data_root, tmp_path) -> None:
         run(spec, data_root=data_root, out=tmp_path, progress=False)
 
 
-def test_packaged_specs_expand(capsys) -> None:
+def test_packaged_specs_expand(capsys, tmp_path) -> None:
     names = packaged_specs()
     for required in ("table1", "table2", "table3", "fig2_knn", "fig3_timing", "fig4_freezing", "fig5_decapitation",
                      "fig6_dinov2_sizes", "breastmnist_tiny"):
@@ -252,7 +252,8 @@ def test_packaged_specs_expand(capsys) -> None:
             assert cfg["model"]["scenario"] in models.SCENARIOS
     from repsim.cli import main
 
+    (tmp_path / "APTOS2019").mkdir()  # --dry-run checks that the data folder exists
     assert main(["train", "--spec", "fig4_freezing", "--dry-run", "--model", "deit_b", "--freeze-blocks", "3",
-                 "data={dataset: aptos2019, root: APTOS2019}"]) == 0
+                 "--data-root", str(tmp_path), "data={dataset: aptos2019, root: APTOS2019}"]) == 0
     assert capsys.readouterr().out.split() == ["aptos2019__deit_b__freeze_blocks3", "train", "deit_b",
                                                "unfrozen-linear", "aptos2019"]

@@ -84,9 +84,11 @@ def run_folder(tmp_path) -> Path:
     backbone = models.create("test_resnet", pretrained=False, img_size=28, in_chans=1)
     model = models.build_classifier(backbone, "unfrozen-linear", 2)
     record = {"name": "test_resnet", "kwargs": {}, "img_size": 28, "in_chans": 1, "scenario": "unfrozen-linear",
-              "num_classes": 2, "classifier": {}, "freeze_blocks": None, "decapitate": None}
+              "num_classes": 2, "classifier": {}, "freeze_blocks": None, "decapitate": None,
+              "input_mean": [0.5], "input_std": [0.25]}
     (run / "checkpoints").mkdir(parents=True)
     (run / "model.json").write_text(json.dumps(record))
+    (run / "summary.json").write_text("{}")  # finished: load_run refuses a run still training
     for name in ("backbone_init.pt", "backbone_best.pt"):
         torch.save(backbone.state_dict(), run / name)
     torch.save({"model": model.state_dict()}, run / "checkpoints" / "best.pt")
