@@ -75,27 +75,29 @@ def _source(data: str, root: str | Path | None, split: str) -> tuple[Source, lis
 
 
 def _heldout(source: Source, indices: list[int], split: str, like: Sequence[Any]) -> tuple[list[int], str]:
-    """``indices`` narrowed to the images every run in ``like`` held out as ``split`` (their ``heldout`` record, read
+    """``indices`` replaced by the images every run in ``like`` held out as ``split`` (their ``heldout`` record, read
     from the run's ``split.json`` by ``load_run``), and where the split came from. A run's split applies when it was
-    trained on this dataset (same name) or when this data holds images the run trained on."""
-    where = "the data's own"
+    trained on this dataset (same name) or when this data holds images the run trained on; with several runs, only
+    images that all of them held out are kept."""
+    keep: list[set[str]] = []
+    where = []
     for model in like:
         held = getattr(model, "heldout", None)
         if not held:
             continue
-        train_ids = set(held.get("train", ()))
-        if held.get("dataset") != source.info.name and not train_ids.intersection(source.ids):
+        if held.get("dataset") != source.info.name and not set(held.get("train", ())).intersection(source.ids):
             continue  # another dataset: none of its images were seen in training
         if split not in held:
             raise ValueError(f"{getattr(model, 'run_dir', 'the run')} has no {split!r} split; it has "
-                             f"{sorted(k for k in held if k != 'dataset')}")
-        keep = set(held[split])
-        indices = [i for i in range(len(source)) if source.ids[i] in keep]
-        if not indices:
-            raise ValueError(f"none of the {split} images of {getattr(model, 'run_dir', 'the run')} are in "
-                             f"{source.info.name}")
-        where = f"the held-out {split} split of run {getattr(model, 'run_dir', '?')} (its split.json)"
-    return indices, where
+                             f"{sorted(k for k in held if k not in ('dataset', 'split_seed'))}")
+        keep.append(set(held[split]))
+        where.append(str(getattr(model, "run_dir", "?")))
+    if not keep:
+        return indices, "the data's own"
+    indices = [i for i in range(len(source)) if all(source.ids[i] in k for k in keep)]
+    if not indices:
+        raise ValueError(f"no {split} image of {source.info.name} is held out by every run ({', '.join(where)})")
+    return indices, f"the held-out {split} split of run {' and '.join(dict.fromkeys(where))} (split.json)"
 
 
 def loader(data: str, *, split: str = "test", img_size: int | None = None, root: str | Path | None = None,
