@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,15 +17,35 @@ if TYPE_CHECKING:
 
 
 def atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` for a temporary sibling of ``path``, then rename it onto ``path``."""
+    """Call ``write(tmp)`` for a temporary sibling of ``path``, then rename it onto ``path``.
+
+    The temporary file is created exclusively under a fresh random name (``tempfile.mkstemp``: ``O_CREAT|O_EXCL``,
+    so a symbolic link planted at a predictable name is never followed), and the rename replaces ``path`` itself
+    (a symbolic link at ``path`` is replaced, not written through)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's 0600
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path:
+    """``path`` after checking that it resolves (symbolic links followed) inside ``root`` (resolved too): a link
+    planted in a run, study or ``--out`` folder that points elsewhere is refused in one line."""
+    path, root = Path(path), Path(root)
+    where, base = path.resolve(), root.resolve()
+    if not where.is_relative_to(base):
+        raise ValueError(f"{path} resolves to {where}, outside {root} ({base}); remove the symbolic link that leads "
+                         "there or choose another folder")
     return path
 
 

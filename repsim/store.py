@@ -162,9 +162,17 @@ def resume(path: str | os.PathLike[str], fp: Mapping[str, Any]) -> int:
 
 def create(path: str | os.PathLike[str], ds: xr.Dataset, fp: Mapping[str, Any]) -> None:
     """Write the first batch ``ds`` as a new store; written under a temporary name and renamed, so a store that
-    exists holds at least one committed batch."""
+    exists holds at least one committed batch. The temporary folder is made exclusively under a random name (a
+    planted symbolic link is never written through); those a kill left behind (real folders only) are removed."""
+    import shutil
+    import tempfile
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     ds = ds.copy()
     ds.attrs.update({FINGERPRINT: json.dumps(fp, sort_keys=True), COMMITTED: int(ds.sizes["sample"])})
     encoding = {k: {"chunks": v.shape} for k, v in ds.variables.items() if "sample" in v.dims}

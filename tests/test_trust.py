@@ -441,7 +441,7 @@ def test_kill_at_any_write_then_resume_equals_uninterrupted(tmp_path, monkeypatc
 def test_resume_with_other_batches_and_a_stale_temporary(tmp_path, monkeypatch) -> None:
     want = extract(Tiny(0), loader(), layers=LAYERS, progress=False)
     path = tmp_path / "acts.zarr"
-    stale = path.with_name(path.name + ".tmp")  # what a kill while the first batch was written leaves
+    stale = path.with_name(f".{path.name}.k1ll3d.tmp")  # what a kill while the first batch was written leaves
     stale.mkdir()
     (stale / "zarr.json").write_text('{"half written')
     for batch_size, kill_after, done in ((8, 6, 16), (5, 7, 20)):

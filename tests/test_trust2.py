@@ -1,0 +1,108 @@
+"""Trust, round 2 (issue 19): writes never go through planted symbolic links nor leave their root, pixels and stores
+hold what the data holds, one writer per run or store, no orphaned workers or hung ranks, and training that cannot
+silently go wrong. Each test reproduces one attack of the issue (D1-D19) and fails without its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from repsim.capture import extract
+from repsim.files import write_text
+from repsim.train import runner
+from repsim.train.config import expand
+
+BASE = {"name": "tiny", "data": {"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist", "img_size": 28},
+        "model": {"name": "test_resnet", "kwargs": {}, "pretrained": False},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "num_workers": 0}}
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo, *names: object) -> str:
+    """The message of a raised error, checked to be one line naming each of ``names``."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    for name in names:
+        assert str(name) in msg, (name, msg)
+    return msg
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request: pytest.FixtureRequest) -> None:
+    """Tiny steps: one intra-op thread avoids oversubscribing the 2 CI cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(before))
+
+
+def config(**overrides: object) -> dict:
+    """The resolved config of BASE with ``overrides`` of its train section."""
+    ((_, cfg),) = expand({**BASE, "train": {**BASE["train"], **overrides}})
+    return cfg
+
+
+# ------------------------------------------------------------------ D1, D2, D8: writes go where they say
+def test_atomic_write_never_follows_a_planted_temporary(tmp_path) -> None:
+    """D1: a symbolic link planted at the old fixed temporary name is neither written through nor renamed."""
+    victim = tmp_path / "victim"
+    victim.write_text("DATA")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".config.yaml.tmp").symlink_to(victim)
+    write_text(tmp_path / "run" / "config.yaml", "a: 1\n")
+    assert victim.read_text() == "DATA"
+    assert not (tmp_path / "run" / "config.yaml").is_symlink()
+    assert (tmp_path / "run" / "config.yaml").read_text() == "a: 1\n"
+
+
+def test_train_and_report_never_write_through_planted_temporaries(data_root, tmp_path) -> None:
+    """D1 as in the issue: ``O/tiny/lr0.001/seed0/.config.yaml.tmp`` and ``RUN/.report.html.tmp`` planted."""
+    from repsim.report import write_report
+
+    out, victim = tmp_path / "O", tmp_path / "V"
+    victim.write_text("DATA")
+    run = out / "tiny" / "lr0.001" / "seed0"
+    run.mkdir(parents=True)
+    for name in (".config.yaml.tmp", ".report.html.tmp", ".summary.json.tmp", ".last.pt.tmp"):
+        (run / name).symlink_to(victim)
+    runner.run(config(), data_root=data_root, out=out, progress=False)
+    write_report(run)
+    assert victim.read_text() == "DATA"
+    for name in ("config.yaml", "summary.json", "report.html"):
+        assert (run / name).is_file() and not (run / name).is_symlink()
+
+
+class Tiny(nn.Module):
+    """Two linear layers with weights drawn from ``seed``."""
+
+    name = "tiny"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def tensors(seed: int = 0, n: int = 32) -> DataLoader:
+    """A loader of ``n`` random 6-feature samples drawn from ``seed``, 8 per batch."""
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 6)).astype(np.float32))
+    return DataLoader(TensorDataset(x, torch.arange(n) % 3), batch_size=8)
+
+
+def test_store_never_written_through_a_planted_temporary(tmp_path) -> None:
+    """D1 for stores: a link at the old fixed temporary name of a zarr store (``acts.zarr.tmp``) pointing at a
+    folder; writing the store with ``mode="w"`` through it would have emptied that folder."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("DATA")
+    (tmp_path / "acts.zarr.tmp").symlink_to(victim, target_is_directory=True)
+    extract(Tiny(), tensors(), layers=["fc1", "fc2"], store=tmp_path / "acts.zarr", progress=False)
+    assert [p.name for p in victim.iterdir()] == ["keep.txt"]
+    assert (victim / "keep.txt").read_text() == "DATA"
