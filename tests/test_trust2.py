@@ -106,3 +106,23 @@ def test_store_never_written_through_a_planted_temporary(tmp_path) -> None:
     extract(Tiny(), tensors(), layers=["fc1", "fc2"], store=tmp_path / "acts.zarr", progress=False)
     assert [p.name for p in victim.iterdir()] == ["keep.txt"]
     assert (victim / "keep.txt").read_text() == "DATA"
+
+
+@pytest.mark.parametrize("link", ["tiny/lr0.001", "tiny/lr0.001/seed0/checkpoints", "tiny/lr0.001/seed0/metrics.jsonl"])
+def test_links_below_the_experiment_folder_cannot_escape_out(data_root, tmp_path, link) -> None:
+    """D2: a symbolic link below ``out/<spec>`` (an LR folder, a run's checkpoints, one of its files) leads
+    elsewhere: refused in one line before anything is written there."""
+    out, elsewhere = tmp_path / "O", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / link).parent.mkdir(parents=True)
+    if link.endswith(".jsonl"):
+        (elsewhere / "secret").write_text("SECRET\n")
+        (out / link).symlink_to(elsewhere / "secret")
+    else:
+        (out / link).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError) as err:
+        runner.run(config(), data_root=data_root, out=out, progress=False)
+    one_line_error(err, elsewhere.resolve(), "outside", "symbolic link")
+    assert [p.name for p in elsewhere.iterdir()] == (["secret"] if link.endswith(".jsonl") else [])
+    if link.endswith(".jsonl"):
+        assert (elsewhere / "secret").read_text() == "SECRET\n"

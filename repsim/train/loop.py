@@ -29,6 +29,7 @@ from repsim.files import load_torch, save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 from repsim.models.classifier import FoundationClassifier
 from repsim.progress import tqdm
+from repsim.train.runs import check_run_paths
 from repsim.train.utils import (
     build_model,
     check_same_config,
@@ -123,6 +124,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
     tc = cfg["train"]
     if tc["batch_size"] % world:
         raise ValueError(f"train.batch_size={tc['batch_size']} is not divisible by {world} processes")
+    check_run_paths(run_dir)
     if (ckpt_dir / "last.pt").exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or use another --out")
     check_same_config(cfg, run_dir)

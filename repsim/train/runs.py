@@ -21,12 +21,23 @@ from typing import Literal
 
 from torch import nn
 
-from repsim.files import load_torch
+from repsim.files import inside, load_torch
+
+# every path a run reads or writes, relative to its folder
+RUN_FILES = ("config.yaml", "model.json", "split.json", "metrics.jsonl", "summary.json", "backbone_init.pt",
+             "backbone_best.pt", "checkpoints", "checkpoints/best.pt", "checkpoints/init.pt", "checkpoints/last.pt")
 
 
 def run_dir(exp_dir: str | Path, lr: float, seed: int) -> Path:
-    """The folder of the run at ``lr`` and ``seed`` inside an experiment folder."""
-    return Path(exp_dir) / f"lr{lr:g}" / f"seed{seed}"
+    """The folder of the run at ``lr`` and ``seed`` inside an experiment folder (symbolic links resolved: a link
+    that leads out of the experiment folder is refused)."""
+    return inside(Path(exp_dir) / f"lr{lr:g}" / f"seed{seed}", exp_dir)
+
+
+def check_run_paths(run: str | Path) -> None:
+    """Refuse a run folder where any file of the run resolves outside it (a planted symbolic link)."""
+    for name in RUN_FILES:
+        inside(Path(run) / name, run)
 
 
 def find_runs(exp_dir: str | Path, lr: float | None = None) -> list[Path]:
