@@ -32,6 +32,12 @@ th{background:#f2f2f2}img{max-width:100%;margin:.5em 0}pre{background:#f7f7f7;pa
 .note{color:#a33}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}"""
 
 
+def _own(root: Path, path: Path) -> bool:
+    """Whether ``path`` is a regular file of the run itself: not a symbolic link and resolving inside ``root``, so a
+    file linked into a run folder (``figure.png -> ~/secret``) is never read into the page."""
+    return path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(root.resolve())
+
+
 def _png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -72,12 +78,12 @@ def markdown_to_html(text: str) -> str:
 def _tables(root: Path) -> str:
     from repsim.train.table import RESULT_FILES, collect, markdown_table
 
-    if (root / "tables.md").exists():
+    if _own(root, root / "tables.md"):
         return markdown_to_html((root / "tables.md").read_text())
     if any(next(root.rglob(n), None) for n in RESULT_FILES):
         return ("<h2>Results (test split, mean ± std over seeds)</h2>"
                 + markdown_to_html(markdown_table(collect([root]))))
-    if (root / "summary.json").exists():
+    if _own(root, root / "summary.json"):
         s = json.loads((root / "summary.json").read_text())
         rows = [("dataset", s["dataset"]), ("model", s["model"]), ("scenario", s["scenario"]), ("lr", s["lr"]),
                 ("seed", s["seed"]), ("best epoch", s["best_epoch"]), ("iterations to best", s["iterations_to_best"]),
@@ -98,9 +104,9 @@ def _selection_metric(run: Path) -> str | None:
     """The metric a run selects its checkpoint on (from its summary, else its config when set there)."""
     import yaml
 
-    if (run / "summary.json").exists():
+    if _own(run, run / "summary.json"):
         return json.loads((run / "summary.json").read_text())["metric"]
-    if (run / "config.yaml").exists():
+    if _own(run, run / "config.yaml"):
         return (yaml.safe_load((run / "config.yaml").read_text()).get("train") or {}).get("metric")
     return None
 
@@ -129,7 +135,7 @@ def curves_figure(runs: Iterable[Path], title: str) -> Figure:
 
 def _curves(root: Path) -> str:
     groups: dict[Path, list[Path]] = {}
-    for path in sorted(root.rglob("metrics.jsonl")):
+    for path in sorted(p for p in root.rglob("metrics.jsonl") if _own(root, p)):
         run = path.parent
         in_exp = run != root and run.parent != root and run.name.startswith("seed") and run.parent.name.startswith("lr")
         exp = run.parent.parent if in_exp else run
@@ -144,7 +150,7 @@ def _curves(root: Path) -> str:
 
 
 def _figures(root: Path) -> str:
-    pngs = sorted(root.glob("*.png"))
+    pngs = sorted(p for p in root.glob("*.png") if _own(root, p))
     if not pngs:
         return ""
     return "<h2>Figures</h2>" + "\n".join(f"<h3>{html.escape(p.name)}</h3>{_img(p.read_bytes(), p.name)}" for p in pngs)
@@ -173,7 +179,7 @@ def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
 
 
 def _run_cka(root: Path, data_root: str | Path | None, n_samples: int) -> str:
-    if not all((root / f).exists() for f in ("backbone_init.pt", "backbone_best.pt", "model.json", "config.yaml")):
+    if not all(_own(root, root / f) for f in ("backbone_init.pt", "backbone_best.pt", "model.json", "config.yaml")):
         return ""
     try:
         fig = run_cka(root, data_root, n_samples)
@@ -190,12 +196,16 @@ def build_report(run_dir: str | Path, *, data_root: str | Path | None = None, ck
         raise FileNotFoundError(f"no such run folder: {root}")
     head = [f"<h1>repsim report: {html.escape(root.resolve().name)}</h1>",
             f"<p><code>{html.escape(str(root.resolve()))}</code></p>"]
-    if (root / "study.json").exists():
+    if _own(root, root / "study.json"):
         study = json.loads((root / "study.json").read_text())
         head.append(f"<p>Transfer study of <b>{html.escape(study['label'])}</b>; stage seconds: "
                     f"{html.escape(json.dumps(study['timings_s']))}</p>")
         settings = html.escape(json.dumps(study["settings"], indent=2))
         head.append(f"<details><summary>settings</summary><pre>{settings}</pre></details>")
+    links = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_symlink())
+    if links:
+        head.append(f'<p class="note">Not read (symbolic links; a report embeds only the run\'s own regular files): '
+                    f'{html.escape(", ".join(links))}</p>')
     body = [_tables(root), _figures(root), _run_cka(root, data_root, cka_samples), _curves(root)]
     return ("<!doctype html><html><head><meta charset='utf-8'><title>repsim report</title><style>" + STYLE +
             "</style></head><body>" + "\n".join(head + [b for b in body if b]) + "</body></html>")

@@ -4,9 +4,14 @@ silently go wrong. Each test reproduces one attack of the issue (D1-D19) and fai
 
 from __future__ import annotations
 
+import base64
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -14,6 +19,7 @@ from repsim.capture import extract
 from repsim.files import write_text
 from repsim.train import runner
 from repsim.train.config import expand
+from repsim.train.loop import train
 
 BASE = {"name": "tiny", "data": {"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist", "img_size": 28},
         "model": {"name": "test_resnet", "kwargs": {}, "pretrained": False},
@@ -126,3 +132,33 @@ def test_links_below_the_experiment_folder_cannot_escape_out(data_root, tmp_path
     assert [p.name for p in elsewhere.iterdir()] == (["secret"] if link.endswith(".jsonl") else [])
     if link.endswith(".jsonl"):
         assert (elsewhere / "secret").read_text() == "SECRET\n"
+
+
+@pytest.fixture(scope="module")
+def finished(data_root, tmp_path_factory) -> Path:
+    """A finished one-epoch run of test_resnet on BreastMNIST (read-only: tests copy it with ``run_copy``)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(config(), run, data_root=data_root, progress=False)
+    return run
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> Path:
+    """A fresh copy of the finished run."""
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+def test_report_embeds_only_the_runs_own_files(run_copy, tmp_path) -> None:
+    """D8: ``figure.png -> secret`` and ``tables.md -> secret`` linked into a run are not embedded."""
+    from repsim.report import build_report
+
+    secret_png, secret_text = tmp_path / "secret.png", tmp_path / "secret.md"
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(secret_png)
+    secret_text.write_text("| SECRET-TEXT | 1 |\n")
+    (run_copy / "figure.png").symlink_to(secret_png)
+    (run_copy / "tables.md").symlink_to(secret_text)
+    page = build_report(run_copy)
+    assert base64.b64encode(secret_png.read_bytes()).decode() not in page
+    assert "SECRET-TEXT" not in page
+    assert "Run summary" in page  # the run's own summary.json is still read
+    assert "figure.png, tables.md" in page  # and the page says what it left out
