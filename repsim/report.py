@@ -186,6 +186,8 @@ def _run_cka(root: Path, data_root: str | Path | None, n_samples: int) -> str:
     except FileNotFoundError as err:
         return ('<h2>CKA before vs after</h2><p class="note">Not computed: '
                 f'{html.escape(str(err))} (pass --data-root).</p>')
+    except (ValueError, RuntimeError) as err:  # e.g. a test split too small for the estimator: skip this section
+        return f'<h2>CKA before vs after</h2><p class="note">Not computed: {html.escape(str(err))}</p>'
     return "<h2>CKA before vs after fine-tuning</h2>" + _png(fig)
 
 

@@ -162,3 +162,13 @@ def test_report_embeds_only_the_runs_own_files(run_copy, tmp_path) -> None:
     assert "SECRET-TEXT" not in page
     assert "Run summary" in page  # the run's own summary.json is still read
     assert "figure.png, tables.md" in page  # and the page says what it left out
+
+
+def test_report_skips_a_section_it_cannot_compute(run_copy, data_root) -> None:
+    """D17: 3 test samples are too few for the unbiased CKA of the before/after section: the report says so in that
+    section and still holds the rest."""
+    from repsim.report import build_report
+
+    page = build_report(run_copy, data_root=data_root, cka_samples=3)
+    assert "CKA before vs after" in page and "Not computed" in page
+    assert "Run summary" in page and "Training curves" in page
