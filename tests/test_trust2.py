@@ -172,3 +172,39 @@ def test_report_skips_a_section_it_cannot_compute(run_copy, data_root) -> None:
     page = build_report(run_copy, data_root=data_root, cka_samples=3)
     assert "CKA before vs after" in page and "Not computed" in page
     assert "Run summary" in page and "Training curves" in page
+
+
+# ------------------------------------------------------------------ D4, D3, D13: pixels and stores hold the data
+def twelve_bit_folder(root: Path, n: int = 4) -> Path:
+    """Two classes of 12-bit images in 16-bit PNGs: class ``dark`` a ramp over 256..1279, ``bright`` over
+    3000..4023 (every pixel above 255: 8-bit conversion makes both one constant)."""
+    for name, low in (("dark", 256), ("bright", 3000)):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            ramp = (low + np.arange(1024).reshape(32, 32) + i).astype(np.uint16)
+            Image.fromarray(ramp).save(root / name / f"{i}.png")
+    with Image.open(root / "dark" / "0.png") as img:
+        assert img.mode.startswith("I")  # a real 16-bit PNG
+    return root
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_images_keep_their_depth(tmp_path, channels) -> None:
+    """D4: 12-bit pixels reach the model scaled by 1/65535, never clipped to 255; the two classes stay apart."""
+    from repsim.data import loader
+    from repsim.data.datasets import ImageDataset, image_folder
+    from repsim.data.transforms import build_transform
+
+    folder = twelve_bit_folder(tmp_path / "images")
+    dl = loader(str(folder), img_size=32, channels=channels, normalise=((0.0,) * channels, (1.0,) * channels),
+                batch_size=8)
+    x, y = next(iter(dl))
+    assert x.shape == (8, channels, 32, 32)
+    dark, bright = x[y == 1], x[y == 0]  # classes are the sorted folder names: bright 0, dark 1
+    assert float(dark.max()) < 1300 / 65535 < 2900 / 65535 < float(bright.min())
+    assert 2999 / 65535 < float(bright.min()) and float(bright.max()) < 4027 / 65535  # (resized) ramp values / 65535
+    assert len(np.unique(x.numpy())) > 1000  # the ramp survives: not one constant
+    source = image_folder(folder, channels=channels)
+    train_view = ImageDataset(source, range(len(source)), build_transform(16, (0.0,) * channels, (1.0,) * channels,
+                                                                           train=True), channels=channels)
+    assert train_view[0][0].shape == (channels, 16, 16)  # the augmenting transform takes the float image too

@@ -22,6 +22,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Pillow modes of 16-bit and float grayscale images -> the divisor that scales them to [0, 1] (float as stored)
+HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+PIXEL_SCALING = ("8-bit pixels / 255 (torchvision ToTensor); 16-bit grayscale (Pillow modes I;16*, and I, as which "
+                 "Pillow may read 16-bit PNGs) / 65535 as float, never through 8 bits, so a 12-bit image spans "
+                 "[0, 0.0625]; float (mode F) as stored; a gray image given to a 3-channel model is repeated")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -93,13 +98,17 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def load(self, i: int) -> Image.Image:
-        """The PIL image of position ``i`` (not transformed)."""
+    def load(self, i: int) -> Image.Image | torch.Tensor:
+        """The image of position ``i`` (not transformed): a PIL image of 8-bit pixels, or for a 16-bit or float image
+        a float (channels, H, W) tensor scaled as ``PIXEL_SCALING`` says (Pillow's ``convert`` would clip it to
+        8 bits)."""
         j = self.indices[i]
         img = self.source.images[j]
         if isinstance(img, np.ndarray):
             return Image.fromarray(img).convert(self.mode)
         with Image.open(img) as fh:
+            if fh.mode in HIGH_DEPTH:
+                return _high_depth(fh, Path(img), 1 if self.mode == "L" else 3)
             return fh.convert(self.mode)
 
     def target(self, i: int) -> torch.Tensor:
@@ -121,6 +130,16 @@ class ImageDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def _high_depth(img: Image.Image, path: Path, channels: int) -> torch.Tensor:
+    """A 16-bit or float grayscale image as a float (channels, H, W) tensor, scaled by its bit depth."""
+    pixels = np.asarray(img, dtype=np.float64)
+    if img.mode == "I" and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ValueError(f"{path}: 32-bit integer pixels outside 0..65535 (min {pixels.min():g}, max "
+                         f"{pixels.max():g}); store the image as 8- or 16-bit, or as float in [0, 1]")
+    x = torch.from_numpy((pixels / HIGH_DEPTH[img.mode]).astype(np.float32))
+    return x.expand(channels, *x.shape).clone()
+
+
 def _require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
