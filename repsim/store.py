@@ -3,9 +3,9 @@
 A store is a zarr group with one array per layer (plus the ``sample`` and ``label`` coordinates), all along the
 ``sample`` axis, and two group attributes:
 
-* ``fingerprint`` (JSON): what made the store (model class and weight hash, layers, pooling, data identity). A
-  resume or reuse with anything else is refused with an error naming what differs, so a store never mixes
-  activations of two models or two datasets.
+* ``fingerprint`` (JSON): what made the store (model class and weight hash, layers, pooling, data identity with a
+  content hash, see ``content_hash``). A resume or reuse with anything else is refused with an error naming what
+  differs, so a store never mixes activations of two models or two datasets.
 * ``committed_samples``: the samples whose rows are complete in every array. A batch writes every array in sorted
   name order and only then this count, so a kill at any point leaves rows beyond it at most; a resume trusts the
   count alone, truncates those rows and appends from there. Readers (``open_activations``) see committed rows only.
@@ -32,6 +32,7 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 # dataset attributes that identify what it reads, when it has them
 _DATA_ATTRS = ("root", "path", "file", "filename", "flag", "split", "seed", "img_size", "num_classes")
 # fingerprint key -> how a mismatch is described
+CONTENT_SAMPLES = 16  # samples hashed into a store's fingerprint (see content_hash)
 _WHAT = {"model": "another model", "weights": "other weights", "layers": "other layers", "pool": "another pooling",
          "prefix_tokens": "another number of prefix tokens", "data": "other data"}
 
@@ -81,7 +82,46 @@ def data_identity(loader: Iterable[Any]) -> dict[str, Any]:
         out["ids"] = hashlib.blake2b(ids.encode(), digest_size=16).hexdigest()
     if getattr(base, "transform", None) is not None:
         out["transform"] = _one_line(repr(base.transform))
+    if "length" in out:
+        out["content"] = content_hash(ds, base)
     return out
+
+
+def content_hash(ds: Any, base: Any) -> str:
+    """BLAKE2b of what the data holds, cheaply: for a repsim dataset of image files, the path, size and modification
+    time (ns) of every file it reads (a rewrite that keeps all three is not seen); for any other dataset, the bytes
+    of up to ``CONTENT_SAMPLES`` evenly spaced samples as the loader gets them (a change confined to other samples is
+    not seen)."""
+    h = hashlib.blake2b(digest_size=16)
+    images, indices = getattr(getattr(base, "source", None), "images", None), getattr(base, "indices", None)
+    if isinstance(images, list) and indices is not None:
+        for i in indices:
+            st = os.stat(images[int(i)])
+            h.update(f"{images[int(i)]}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return "files:" + h.hexdigest()
+    n = len(ds)
+    for i in sorted({round(k * (n - 1) / max(1, CONTENT_SAMPLES - 1)) for k in range(min(n, CONTENT_SAMPLES))}):
+        _hash_leaves(h, ds[i])
+    return "samples:" + h.hexdigest()
+
+
+def _hash_leaves(h: Any, obj: Any) -> None:
+    """Feed the tensors, arrays and plain values of one sample into ``h``."""
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            _hash_leaves(h, v)
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _hash_leaves(h, obj[k])
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}|{tuple(obj.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    else:
+        a = np.asarray(obj)
+        h.update(f"{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes() if a.dtype != object else repr(obj).encode())
 
 
 def fingerprint(model: nn.Module, loader: Iterable[Any], *, layers: Sequence[str], pool: str,

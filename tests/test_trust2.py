@@ -5,6 +5,7 @@ silently go wrong. Each test reproduces one attack of the issue (D1-D19) and fai
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 from pathlib import Path
 
@@ -208,3 +209,35 @@ def test_sixteen_bit_images_keep_their_depth(tmp_path, channels) -> None:
     train_view = ImageDataset(source, range(len(source)), build_transform(16, (0.0,) * channels, (1.0,) * channels,
                                                                            train=True), channels=channels)
     assert train_view[0][0].shape == (channels, 16, 16)  # the augmenting transform takes the float image too
+
+
+def test_store_refuses_same_length_data_of_other_content(tmp_path) -> None:
+    """D3: a TensorDataset of the same shape but other values is other data, not a reuse of the store."""
+    store = tmp_path / "acts.zarr"
+    extract(Tiny(), tensors(seed=0), layers=["fc1", "fc2"], store=store, progress=False)
+    again = extract(Tiny(), tensors(seed=0), layers=["fc1", "fc2"], store=store, progress=False)  # same data: reused
+    assert again.sizes["sample"] == 32
+    with pytest.raises(ValueError) as err:
+        extract(Tiny(), tensors(seed=1), layers=["fc1", "fc2"], store=store, progress=False)
+    one_line_error(err, store, "other data", "content")
+
+
+def test_store_refuses_an_image_folder_whose_files_were_rewritten(tmp_path) -> None:
+    """D3: the PNGs of a folder rewritten in place (same names and count) are other data."""
+    from repsim.data import loader
+
+    folder = tmp_path / "images"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / name / f"{i}.png")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4), nn.ReLU(), nn.Linear(4, 2))
+    store = tmp_path / "acts.zarr"
+    extract(model, loader(str(folder), img_size=8, batch_size=4), layers=["1", "3"], store=store, progress=False)
+    extract(model, loader(str(folder), img_size=8, batch_size=4), layers=["1", "3"], store=store, progress=False)
+    png = folder / "a" / "0.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(png)
+    os.utime(png, ns=(png.stat().st_atime_ns, png.stat().st_mtime_ns + 10**9))  # a rewrite a second later
+    with pytest.raises(ValueError) as err:
+        extract(model, loader(str(folder), img_size=8, batch_size=4), layers=["1", "3"], store=store, progress=False)
+    one_line_error(err, store, "other data", "content")
