@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,8 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 # dataset attributes that identify what it reads, when it has them
 _DATA_ATTRS = ("root", "path", "file", "filename", "flag", "split", "seed", "img_size", "num_classes")
 # fingerprint key -> how a mismatch is described
+MAX_BATCH = 2**16  # rows an array may hold beyond its stored chunks: a batch whose write a kill cut short
+_METADATA = ("zarr.json", ".zarray", ".zattrs")  # the files of a zarr array folder that are not chunks
 CONTENT_SAMPLES = 16  # samples hashed into a store's fingerprint (see content_hash)
 _WHAT = {"model": "another model", "weights": "other weights", "layers": "other layers", "pool": "another pooling",
          "prefix_tokens": "another number of prefix tokens", "data": "other data"}
@@ -175,10 +178,45 @@ def _open_group(path: Path, fp: Mapping[str, Any]) -> Any:
     if COMMITTED not in group.attrs or FINGERPRINT not in group.attrs:
         raise ValueError(f"{path} is not a fingerprinted repsim extraction (written by another tool or an older "
                          "repsim); remove it or choose another path")
-    stored = json.loads(str(group.attrs[FINGERPRINT]))
+    _committed_checked(path, group)
+    try:
+        stored = json.loads(str(group.attrs[FINGERPRINT]))
+    except json.JSONDecodeError as err:
+        stored = err
+    if not isinstance(stored, dict):
+        raise ValueError(f"store {path}: its fingerprint attribute is not a JSON object (damaged or crafted); "
+                         "remove it or choose another path")
     if stored != fp:
         raise ValueError(_differences(path, stored, fp))
     return group
+
+
+def _committed_checked(path: Path, group: Any) -> int:
+    """The committed count of a store after checking it against its arrays: a count >= 0 that every sample array
+    holds, and no array longer than the chunks it stores plus one batch that a kill cut short (a crafted shape would
+    otherwise be allocated on open)."""
+    n = group.attrs.get(COMMITTED)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"store {path}: its {COMMITTED} attribute is {n!r}, not a count >= 0 (damaged or crafted); "
+                         "remove it")
+    for name, a in sorted(_sample_arrays(group).items()):
+        per_row = math.prod(math.ceil(s / c) for s, c in zip(a.shape[1:], a.chunks[1:]))
+        chunks = sum(1 for f in (path / name).rglob("*") if f.is_file() and f.name not in _METADATA)
+        stored = chunks // max(1, per_row) * a.chunks[0]
+        if a.shape[0] < n or a.shape[0] > max(stored, n) + MAX_BATCH:
+            raise ValueError(f"store {path} is damaged: array {name!r} has {a.shape[0]} rows for {n} committed "
+                             f"samples, with data stored for at most {stored}; remove it")
+    return n
+
+
+def start(path: str | os.PathLike[str], fp: Mapping[str, Any]) -> int:
+    """The samples already in the store at ``path`` (0 for none; ``resume`` for an existing store); a dangling
+    symbolic link there is refused before any work."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"store {path} is a symbolic link to {os.readlink(path)}, which does not exist; remove the "
+                         "link or choose another path")
+    return resume(path, fp) if path.exists() else 0
 
 
 def resume(path: str | os.PathLike[str], fp: Mapping[str, Any]) -> int:
@@ -188,10 +226,8 @@ def resume(path: str | os.PathLike[str], fp: Mapping[str, Any]) -> int:
     group = _open_group(path, fp)
     n = _committed(group)
     arrays = _sample_arrays(group)
-    short = sorted(k for k, a in arrays.items() if a.shape[0] < n)
-    if "sample" not in arrays or short:
-        raise ValueError(f"store {path} is damaged: arrays {short or ['sample']} hold fewer than its {n} committed "
-                         "samples; remove it")
+    if "sample" not in arrays:
+        raise ValueError(f"store {path} is damaged: it has no 'sample' array; remove it")
     for a in arrays.values():
         if a.shape[0] != n:
             a.resize((n, *a.shape[1:]))
@@ -264,7 +300,7 @@ def open_activations(store: str | os.PathLike[str]) -> xr.Dataset:
     import zarr
 
     group = zarr.open_group(str(store), mode="r")
-    n = _committed(group) if COMMITTED in group.attrs else None
+    n = _committed_checked(Path(store), group) if COMMITTED in group.attrs else None
     arrays = _sample_arrays(group)
     if n is None or all(a.shape[0] == n for a in arrays.values()):
         ds = xr.open_zarr(store, consolidated=False, chunks=None)

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import repsim.store
 from repsim.capture import extract
 from repsim.files import write_text
 from repsim.train import runner
@@ -241,3 +242,54 @@ def test_store_refuses_an_image_folder_whose_files_were_rewritten(tmp_path) -> N
     with pytest.raises(ValueError) as err:
         extract(model, loader(str(folder), img_size=8, batch_size=4), layers=["1", "3"], store=store, progress=False)
     one_line_error(err, store, "other data", "content")
+
+
+def craft(store: Path, what: str) -> None:
+    """Damage the attributes or shapes of a store the way a crafted file would."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r+")
+    if what == "negative count":
+        group.attrs["committed_samples"] = -5
+    elif what == "text count":
+        group.attrs["committed_samples"] = "32"
+    elif what == "count beyond arrays":
+        group.attrs["committed_samples"] = 40
+    elif what == "fingerprint not json":
+        group.attrs["fingerprint"] = "{not json"
+    elif what == "fingerprint a list":
+        group.attrs["fingerprint"] = "[1, 2]"
+    else:  # a 10^12-row shape: only metadata, no data behind it
+        for name in ("sample", "fc1"):
+            array = group[name]
+            array.resize((10**12, *array.shape[1:]))
+
+
+@pytest.mark.parametrize("what", ["negative count", "text count", "count beyond arrays", "fingerprint not json",
+                                  "fingerprint a list", "huge shape"])
+def test_crafted_store_attributes_refused_in_one_line(tmp_path, what) -> None:
+    """D13: a store's attributes and shapes are checked on open (read or resume), in one line naming the store."""
+    store = tmp_path / "acts.zarr"
+    extract(Tiny(), tensors(), layers=["fc1", "fc2"], store=store, progress=False)
+    craft(store, what)
+    with pytest.raises(ValueError) as err:
+        extract(Tiny(), tensors(), layers=["fc1", "fc2"], store=store, progress=False)
+    one_line_error(err, store)
+    if what.startswith("fingerprint"):
+        return  # reading a store does not need its fingerprint
+    with pytest.raises(ValueError) as err:
+        repsim.store.open_activations(store)
+    one_line_error(err, store)
+
+
+def test_dangling_symlink_store_refused_before_any_batch(tmp_path, monkeypatch) -> None:
+    """D13: a store path that is a dangling symbolic link is refused before the first batch is computed."""
+    store = tmp_path / "acts.zarr"
+    store.symlink_to(tmp_path / "gone.zarr", target_is_directory=True)
+    batches = []
+    model = Tiny()
+    model.register_forward_hook(lambda *_: batches.append(1))
+    with pytest.raises(ValueError) as err:
+        extract(model, tensors(), layers=["fc1", "fc2"], store=store, progress=False)
+    one_line_error(err, store, "does not exist")
+    assert batches == []
