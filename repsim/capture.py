@@ -299,6 +299,7 @@ def _batch_dataset(acts: Mapping[str, torch.Tensor], labels: Any, start: int, n:
     return xr.Dataset(data, coords=coords)
 
 
+@zarr_store.one_writer
 def extract(
     model: nn.Module,
     loader: Iterable[Any],

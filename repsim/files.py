@@ -3,10 +3,12 @@ so a path that exists is complete (a crash or kill leaves the previous file or n
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +49,28 @@ def inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path:
         raise ValueError(f"{path} resolves to {where}, outside {root} ({base}); remove the symbolic link that leads "
                          "there or choose another folder")
     return path
+
+
+@contextlib.contextmanager
+def lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on the lock file ``path`` for the block, so one process at
+    a time writes ``what``; a second one fails at once in one line naming the holder's pid. The kernel releases
+    the lock when its holder exits, however it ends, so a killed writer never leaves a stale lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise RuntimeError(f"{what} is being written by another process (pid {holder}, lock {path}); wait for "
+                               "it to end or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -13,20 +13,26 @@ A store is a zarr group with one array per layer (plus the ``sample`` and ``labe
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 import xarray as xr
 from torch import nn
 
+from repsim.files import lock
+
+P = ParamSpec("P")
+R = TypeVar("R")
 COMMITTED = "committed_samples"
 FINGERPRINT = "fingerprint"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -207,6 +213,28 @@ def _committed_checked(path: Path, group: Any) -> int:
             raise ValueError(f"store {path} is damaged: array {name!r} has {a.shape[0]} rows for {n} committed "
                              f"samples, with data stored for at most {stored}; remove it")
     return n
+
+
+def writer_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock that makes one process at a time write the store at ``path`` (a sibling ``.<name>.lock`` file: the
+    store folder itself is renamed into place by ``create``)."""
+    return lock(path.parent / f".{path.name}.lock", f"store {path}")
+
+
+def one_writer(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` (``extract``) with its ``store`` argument held by one writer: the process that writes it (rank 0)
+    holds ``writer_lock`` for the call, so a second writer of the same store fails at once."""
+    from repsim.shard import world
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        store = kwargs.get("store")
+        if store is None or world()[0] != 0:
+            return fn(*args, **kwargs)
+        with writer_lock(Path(str(store))):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def start(path: str | os.PathLike[str], fp: Mapping[str, Any]) -> int:

@@ -5,8 +5,13 @@ silently go wrong. Each test reproduces one attack of the issue (D1-D19) and fai
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ from repsim.train import runner
 from repsim.train.config import expand
 from repsim.train.loop import train
 
+REPO = Path(__file__).resolve().parents[1]
 BASE = {"name": "tiny", "data": {"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist", "img_size": 28},
         "model": {"name": "test_resnet", "kwargs": {}, "pretrained": False},
         "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "num_workers": 0}}
@@ -293,3 +299,49 @@ def test_dangling_symlink_store_refused_before_any_batch(tmp_path, monkeypatch) 
         extract(model, tensors(), layers=["fc1", "fc2"], store=store, progress=False)
     one_line_error(err, store, "does not exist")
     assert batches == []
+
+
+# ------------------------------------------------------------------ D6, D5, D15: one writer, no orphans, no hangs
+HOLD = """import sys, time
+from repsim.files import lock
+with lock(sys.argv[1], "run"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@contextlib.contextmanager
+def held(lock_file: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``lock_file`` (as a writer of its run or store does) for the block."""
+    with subprocess.Popen([sys.executable, "-c", HOLD, str(lock_file)], stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            yield holder
+        finally:
+            holder.kill()
+
+
+def test_second_writer_of_a_store_fails_at_once(tmp_path) -> None:
+    """D6 for stores: a second extraction into a store another process writes fails at once, naming its pid."""
+    store = tmp_path / "acts.zarr"
+    with held(tmp_path / ".acts.zarr.lock") as holder:
+        with pytest.raises(RuntimeError) as err:
+            extract(Tiny(), tensors(), layers=["fc1", "fc2"], store=store, progress=False)
+        one_line_error(err, f"pid {holder.pid}", store)
+    assert not store.exists()
+    assert extract(Tiny(), tensors(), layers=["fc1", "fc2"], store=store, progress=False).sizes["sample"] == 32
+
+
+def test_second_writer_of_a_run_fails_at_once_naming_the_holder(data_root, tmp_path) -> None:
+    """D6: while another process writes a run, a second ``train`` of the same folder fails at once in one line that
+    names the holder's pid; once the holder is gone (killed: the kernel drops its lock), the run trains."""
+    run = tmp_path / "run"
+    with held(run / ".lock") as holder:
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError) as err:
+            train(config(), run, data_root=data_root, progress=False)
+        one_line_error(err, f"pid {holder.pid}", run)
+        assert time.perf_counter() - start < 2
+        assert not (run / "metrics.jsonl").exists()
+    assert train(config(), run, data_root=data_root, progress=False)["epochs_run"] == 1

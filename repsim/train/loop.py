@@ -9,6 +9,7 @@ stopped. The run directory layout is the trainer contract (see ``repsim.train``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from repsim.data import prepare
-from repsim.files import load_torch, save_torch, write_text
+from repsim.files import load_torch, lock, save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 from repsim.models.classifier import FoundationClassifier
 from repsim.progress import tqdm
@@ -116,15 +117,22 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_
 # ------------------------------------------------------------------------------------------------ the run
 def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | None = None, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Train one resolved config into ``run_dir`` and return its summary (also written to ``summary.json``)."""
+    """Train one resolved config into ``run_dir`` and return its summary (also written to ``summary.json``). The
+    main process holds ``run_dir/.lock`` throughout: a second writer of the same run fails at once."""
     run_dir = Path(run_dir)
+    check_run_paths(run_dir)
+    with lock(run_dir / ".lock", f"run {run_dir}") if distributed()[0] == 0 else contextlib.nullcontext():
+        return _train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
+
+
+def _train(cfg: dict[str, Any], run_dir: Path, *, data_root: str | Path | None, resume: bool,
+           progress: bool) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     rank, world = distributed()
     main = rank == 0
     tc = cfg["train"]
     if tc["batch_size"] % world:
         raise ValueError(f"train.batch_size={tc['batch_size']} is not divisible by {world} processes")
-    check_run_paths(run_dir)
     if (ckpt_dir / "last.pt").exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or use another --out")
     check_same_config(cfg, run_dir)

@@ -24,7 +24,7 @@ from torch import nn
 from repsim.files import inside, load_torch
 
 # every path a run reads or writes, relative to its folder
-RUN_FILES = ("config.yaml", "model.json", "split.json", "metrics.jsonl", "summary.json", "backbone_init.pt",
+RUN_FILES = (".lock", "config.yaml", "model.json", "split.json", "metrics.jsonl", "summary.json", "backbone_init.pt",
              "backbone_best.pt", "checkpoints", "checkpoints/best.pt", "checkpoints/init.pt", "checkpoints/last.pt")
 
 
