@@ -8,6 +8,7 @@ import base64
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -345,3 +346,56 @@ def test_second_writer_of_a_run_fails_at_once_naming_the_holder(data_root, tmp_p
         assert time.perf_counter() - start < 2
         assert not (run / "metrics.jsonl").exists()
     assert train(config(), run, data_root=data_root, progress=False)["epochs_run"] == 1
+
+
+STUDY = """import os, sys, time
+from concurrent.futures import wait
+from pathlib import Path
+
+from repsim.study.scheduler import Pool
+
+
+def stall(folder):
+    Path(folder, str(os.getpid())).touch()
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    pool = Pool(2, 1)
+    try:
+        wait([pool.submit(stall, sys.argv[1]) for _ in range(2)])
+    finally:
+        pool.close()
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_to_the_study_ends_its_workers(tmp_path) -> None:
+    """D5: SIGTERM to a process running a study's worker pool ends its two busy workers and waits for them."""
+    script, pids = tmp_path / "study.py", tmp_path / "pids"
+    script.write_text(STUDY)
+    pids.mkdir()
+    with subprocess.Popen([sys.executable, str(script), str(pids)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          stderr=subprocess.DEVNULL) as study:
+        deadline = time.time() + 60
+        while len(list(pids.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2 and all(alive(w) for w in workers)
+        start = time.perf_counter()
+        study.send_signal(signal.SIGTERM)
+        study.wait(timeout=30)
+        assert time.perf_counter() - start < 10
+    try:
+        assert not [w for w in workers if alive(w)]
+    finally:
+        for w in workers:  # without the fix they are orphans: end them here
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
