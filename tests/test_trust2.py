@@ -399,3 +399,12 @@ def test_sigterm_to_the_study_ends_its_workers(tmp_path) -> None:
         for w in workers:  # without the fix they are orphans: end them here
             if alive(w):
                 os.kill(w, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ D7, D9, D11, D12: training cannot silently go wrong
+def test_last_batch_of_one_is_dropped_for_batchnorm(data_root, tmp_path) -> None:
+    """D7: ``batch_size=545`` on BreastMNIST's 546 training images leaves a last batch of 1, which BatchNorm cannot
+    train on: it is dropped and the summary says so."""
+    summary = train(config(batch_size=545), tmp_path / "run", data_root=data_root, progress=False)
+    assert summary["train_size"] == 546 and summary["train_dropped"] == 1
+    assert summary["iterations"] == 1

@@ -184,7 +184,12 @@ def _train(cfg: dict[str, Any], run_dir: Path, *, data_root: str | Path | None, 
     loss_fn = F.binary_cross_entropy_with_logits if task == "multilabel" else F.cross_entropy
     sampler: DistributedSampler[Any] = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                                           seed=seed)
-    loader = DataLoader(train_set, batch_size=tc["batch_size"] // world, sampler=sampler,
+    # a last batch of one sample per process cannot train BatchNorm (no batch statistics): it is dropped, and the
+    # summary says so (train_dropped)
+    per_process = math.ceil(len(train_set) / world)
+    drop = per_process % (tc["batch_size"] // world) == 1 and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in train_net.modules())
+    loader = DataLoader(train_set, batch_size=tc["batch_size"] // world, sampler=sampler, drop_last=drop,
                         num_workers=tc["num_workers"], pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
     if tc["warmup_iters"] is not None or tc["warmup_epochs"] is not None:
@@ -275,7 +280,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, *, data_root: str | Path | None, 
         "scenario": cfg["model"]["scenario"], "freeze_blocks": cfg["model"]["freeze_blocks"],
         "decapitate": cfg["model"]["decapitate"], "img_size": model_record["img_size"],
         "lr": tc["lr"], "seed": seed, "epochs_run": state["epoch"], "iterations": state["iteration"],
-        "train_size": len(train_set), "best_epoch": state["best_epoch"],
+        "train_size": len(train_set), "train_dropped": world if drop else 0, "best_epoch": state["best_epoch"],
         "iterations_to_best": state["best_iteration"], "val": {metric_name: state["best"]},
         "test": compute_metrics(task, targets, probs, data.info.classes),
         "inference_ms_per_image": 1000.0 * seconds / len(targets), "train_seconds": state["train_seconds"],
