@@ -408,3 +408,14 @@ def test_last_batch_of_one_is_dropped_for_batchnorm(data_root, tmp_path) -> None
     summary = train(config(batch_size=545), tmp_path / "run", data_root=data_root, progress=False)
     assert summary["train_size"] == 546 and summary["train_dropped"] == 1
     assert summary["iterations"] == 1
+
+
+@pytest.mark.parametrize(("lr", "batch_size", "what"), [(1e12, 32, "loss is nan"), (1e30, 545, "predictions are NaN")])
+def test_divergence_stops_the_run_in_one_line(data_root, tmp_path, lr, batch_size, what) -> None:
+    """D9: a diverging run (lr 1e12) stops naming epoch, step and LR; no NaN weights are saved as best (one step
+    per epoch at lr 1e30: the loss is finite, the predictions after it are not)."""
+    run = tmp_path / "run"
+    with pytest.raises(FloatingPointError) as err:
+        train(config(lr=lr, epochs=2, batch_size=batch_size), run, data_root=data_root, progress=False)
+    one_line_error(err, run, "epoch 0", what, "lr ", "diverged")
+    assert not (run / "checkpoints" / "best.pt").exists() and not (run / "backbone_best.pt").exists()

@@ -227,13 +227,18 @@ def _train(cfg: dict[str, Any], run_dir: Path, *, data_root: str | Path | None, 
             train_set.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device)
-        for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (main and progress)):
+        for step, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
+                                           disable=not (main and progress))):
             lr = lr_at(state["iteration"], base_lr=tc["lr"], warmup=warmup, plateaus=state["plateaus"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loss_fn(net(x).float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{run_dir}: the training loss is {float(loss.detach())} at epoch {epoch}, "
+                                         f"step {step} (iteration {state['iteration']}), lr {lr:g}: the run "
+                                         "diverged; lower train.lr or set train.grad_clip")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -247,6 +252,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, *, data_root: str | Path | None, 
 
         # --- validate; keep the best; a plateau of `patience` epochs divides the LR by 10 or ends the run
         probs, targets, _ = predict(train_net, val_set, desc="val", **eval_kw)
+        if not np.isfinite(probs).all():  # NaN or infinite weights: stop before they can be saved as best
+            raise FloatingPointError(f"{run_dir}: the validation predictions are NaN or infinite after epoch {epoch} "
+                                     f"(iteration {state['iteration']}, lr {lr:g}): the run diverged; lower "
+                                     "train.lr or set train.grad_clip")
         val = compute_metrics(task, targets, probs, data.info.classes)
         value = val[metric_name]
         if is_better(value, state["best"]):
