@@ -419,3 +419,36 @@ def test_divergence_stops_the_run_in_one_line(data_root, tmp_path, lr, batch_siz
         train(config(lr=lr, epochs=2, batch_size=batch_size), run, data_root=data_root, progress=False)
     one_line_error(err, run, "epoch 0", what, "lr ", "diverged")
     assert not (run / "checkpoints" / "best.pt").exists() and not (run / "backbone_best.pt").exists()
+
+
+def image_classes(root: Path, counts: dict[str, int]) -> Path:
+    """``root/<class>/<i>.png``: ``counts[class]`` small RGB images per class (a class of 0 is an empty folder)."""
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def folder_config(root: Path) -> dict:
+    ((_, cfg),) = expand({**BASE, "data": {"dataset": "image_folder", "root": str(root), "img_size": 16},
+                          "train": {**BASE["train"], "batch_size": 4}})
+    return cfg
+
+
+def test_single_class_folder_refused(tmp_path) -> None:
+    """D11: a one-class image folder does not train to balanced_accuracy 1.0: refused in one line."""
+    folder = image_classes(tmp_path / "images", {"only": 20})
+    with pytest.raises(ValueError) as err:
+        train(folder_config(folder), tmp_path / "run", progress=False)
+    one_line_error(err, "single class", "only")
+
+
+def test_empty_class_folder_refused(tmp_path) -> None:
+    """D11: an empty class folder is not a class."""
+    from repsim.data.datasets import image_folder
+
+    folder = image_classes(tmp_path / "images", {"a": 3, "b": 3, "empty": 0})
+    with pytest.raises(ValueError) as err:
+        image_folder(folder)
+    one_line_error(err, folder, "empty")

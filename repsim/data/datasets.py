@@ -266,6 +266,10 @@ def image_folder(root: Path, *, channels: int = 3, name: str | None = None, metr
              if p.suffix.lower() in IMAGE_EXTS]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in class folders under {root}")
+    empty = sorted(set(classes) - {classes[c] for _, c in files})
+    if empty:
+        raise ValueError(f"{root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_EXTS)}); remove them or "
+                         "add their images")
     task = _single_label_task(len(classes))[0]
     mean = tuple(mean) if mean is not None else (IMAGENET_MEAN if channels == 3 else (0.5,))
     std = tuple(std) if std is not None else (IMAGENET_STD if channels == 3 else (0.25,))

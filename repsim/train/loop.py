@@ -145,6 +145,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, *, data_root: str | Path | None, 
     # --- data: the split is fixed by data.split_seed, the augmentation and order by the training seed
     data = prepare(cfg["data"], data_root, seed=seed)
     task, metric_name = data.info.task, tc["metric"] or data.info.metric
+    if data.info.num_classes < 2:
+        raise ValueError(f"dataset {data.info.name!r} has a single class ({data.info.classes}); a classifier needs "
+                         "at least 2 (one class folder per class)")
     if metric_name not in SELECTABLE[task] or (metric_name == "auc_mean5" and
                                                not set(CHEXPERT_COMPETITION) <= set(data.info.classes)):
         raise ValueError(f"train.metric={metric_name!r} is not available for {task} dataset {data.info.name!r}; "
