@@ -452,3 +452,18 @@ def test_empty_class_folder_refused(tmp_path) -> None:
     with pytest.raises(ValueError) as err:
         image_folder(folder)
     one_line_error(err, folder, "empty")
+
+
+@pytest.mark.parametrize("held", ["summary.json", "checkpoints/last.pt"])
+def test_run_without_config_yaml_is_not_resumed_or_reused(run_copy, data_root, held) -> None:
+    """D12: with config.yaml deleted, a BreastMNIST run is neither reused (summary.json) nor resumed (last.pt) as a
+    PneumoniaMNIST run."""
+    (run_copy / "config.yaml").unlink()
+    if held == "checkpoints/last.pt":
+        (run_copy / "summary.json").unlink()
+        torch.save({"model": {}, "state": {"epoch": 0}}, run_copy / held)
+    other = config()
+    other["data"]["flag"] = "pneumoniamnist"
+    with pytest.raises(ValueError) as err:
+        runner.train_or_reuse(other, run_copy, data_root, resume=True)
+    one_line_error(err, run_copy, "no config.yaml")

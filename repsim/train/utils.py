@@ -28,6 +28,10 @@ def check_same_config(cfg: dict[str, Any], run_dir: Path) -> None:
     newer repsim still reuses older runs whose behaviour it reproduces.
     """
     path = run_dir / "config.yaml"
+    held = [f for f in ("summary.json", "checkpoints/last.pt") if (run_dir / f).exists()]
+    if held and not path.exists():
+        raise ValueError(f"{run_dir} holds a run ({held[0]}) but no config.yaml, so its config cannot be checked "
+                         "against this one; restore config.yaml or use another --out")
     if path.exists():
         try:
             old = yaml.safe_load(path.read_text())
