@@ -65,6 +65,7 @@ class MinibatchCKA:
         self.diag_b = torch.zeros(lb, dtype=torch.float64)
         self.counts = torch.zeros(2, dtype=torch.int64)  # samples, batches
         self.batches: list[torch.Tensor] = []  # per batch: [index, cross.ravel(), diag_a, diag_b] in float64
+        self.reduced = False  # all_reduce has combined the ranks' states: a second one would count them twice
 
     @property
     def n_samples(self) -> int:
@@ -111,6 +112,9 @@ class MinibatchCKA:
         hang). A rank that saw no batch takes the others' layers."""
         import torch.distributed as dist
 
+        if self.reduced:  # every rank raises here, before any collective, so none hangs
+            raise RuntimeError("all_reduce: this MinibatchCKA already holds the combined state of all ranks; a second "
+                               "all_reduce would count every batch again (reset() to start over)")
         metas: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(metas, self._meta(), group=group)
         seen = [m for m in metas if m["layers_a"] is not None]
@@ -135,6 +139,7 @@ class MinibatchCKA:
                 gathered: list[Any] = [None] * len(metas)
                 dist.all_gather_object(gathered, value, group=group)
                 setattr(self, name, sorted((t for part in gathered for t in part), key=lambda t: float(t[0])))
+        self.reduced = True
 
     # -- updates ----------------------------------------------------------------------------------------------------
     def update(self, acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None = None, *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -467,3 +468,31 @@ def test_run_without_config_yaml_is_not_resumed_or_reused(run_copy, data_root, h
     with pytest.raises(ValueError) as err:
         runner.train_or_reuse(other, run_copy, data_root, resume=True)
     one_line_error(err, run_copy, "no config.yaml")
+
+
+# ------------------------------------------------------------------ D10, D14, D18, D16, D19: results and files exact
+def _twice_worker(rank: int, out: str) -> None:
+    from repsim import MinibatchCKA
+
+    rng = np.random.default_rng(rank)
+    mb = MinibatchCKA(keep_batches=True)
+    for _ in range(3):
+        mb.update({name: rng.standard_normal((8, 3)) for name in ("p", "q")})
+    mb.all_reduce()
+    first = (mb.n_samples, mb.n_batches, len(mb.batches))
+    try:
+        mb.all_reduce()
+        second = f"reduced again: {(mb.n_samples, mb.n_batches, len(mb.batches))}"
+    except RuntimeError as err:
+        second = str(err)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"first": first, "second": second}))
+
+
+def test_second_all_reduce_refused(run_gloo, tmp_path) -> None:
+    """D10: a second all_reduce would double n_samples, n_batches and the batch records (narrowing the bootstrap
+    CI); every rank refuses it in one line, and none hangs."""
+    run_gloo(_twice_worker, str(tmp_path))
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["first"] == [48, 6, 6]
+        assert "\n" not in got["second"] and got["second"].startswith("all_reduce: this MinibatchCKA already"), got
