@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import tempfile
@@ -71,6 +72,26 @@ def lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in ``path``; a file that is not JSON (half written, edited) raises one line naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); remove it to recompute it") from None
+
+
+def load_state(model: Any, state: Any, path: str | os.PathLike[str]) -> None:
+    """``model.load_state_dict(state)`` where ``state`` was read from ``path``; torch's many-line error becomes one
+    line naming the file."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{path} does not fit the model ({detail[:400]}{'…' if len(detail) > 400 else ''})") \
+            from None
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from repsim.files import write_text
+from repsim.files import read_json, write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;font-size:.9em}
@@ -84,7 +84,7 @@ def _tables(root: Path) -> str:
         return ("<h2>Results (test split, mean ± std over seeds)</h2>"
                 + markdown_to_html(markdown_table(collect([root]))))
     if _own(root, root / "summary.json"):
-        s = json.loads((root / "summary.json").read_text())
+        s = read_json(root / "summary.json")
         rows = [("dataset", s["dataset"]), ("model", s["model"]), ("scenario", s["scenario"]), ("lr", s["lr"]),
                 ("seed", s["seed"]), ("best epoch", s["best_epoch"]), ("iterations to best", s["iterations_to_best"]),
                 ("inference ms/image", f"{s['inference_ms_per_image']:.3f}"),
@@ -97,7 +97,15 @@ def _tables(root: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            if line.strip():
+                rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not valid JSON ({err}; a line cut short by a crash?); "
+                             "resume the run (--resume) to rewrite it, or remove the line") from None
+    return rows
 
 
 def _selection_metric(run: Path) -> str | None:
@@ -105,7 +113,7 @@ def _selection_metric(run: Path) -> str | None:
     import yaml
 
     if _own(run, run / "summary.json"):
-        return json.loads((run / "summary.json").read_text())["metric"]
+        return read_json(run / "summary.json")["metric"]
     if _own(run, run / "config.yaml"):
         return (yaml.safe_load((run / "config.yaml").read_text()).get("train") or {}).get("metric")
     return None
@@ -199,7 +207,7 @@ def build_report(run_dir: str | Path, *, data_root: str | Path | None = None, ck
     head = [f"<h1>repsim report: {html.escape(root.resolve().name)}</h1>",
             f"<p><code>{html.escape(str(root.resolve()))}</code></p>"]
     if _own(root, root / "study.json"):
-        study = json.loads((root / "study.json").read_text())
+        study = read_json(root / "study.json")
         head.append(f"<p>Transfer study of <b>{html.escape(study['label'])}</b>; stage seconds: "
                     f"{html.escape(json.dumps(study['timings_s']))}</p>")
         settings = html.escape(json.dumps(study["settings"], indent=2))

@@ -496,3 +496,60 @@ def test_second_all_reduce_refused(run_gloo, tmp_path) -> None:
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["first"] == [48, 6, 6]
         assert "\n" not in got["second"] and got["second"].startswith("all_reduce: this MinibatchCKA already"), got
+
+
+def test_truncated_image_named(tmp_path) -> None:
+    """D16: "image file is truncated" names the image."""
+    from repsim.data import loader
+
+    folder = image_classes(tmp_path / "images", {"a": 4, "b": 4})
+    png = folder / "b" / "2.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png)
+    png.write_bytes(png.read_bytes()[:300])
+    with pytest.raises(ValueError) as err:
+        list(loader(str(folder), img_size=8, batch_size=4))
+    one_line_error(err, png, "replace or remove")
+
+
+@pytest.mark.parametrize("damage", ["summary", "results", "metrics", "state"])
+def test_damaged_run_files_named(run_copy, tmp_path, damage) -> None:
+    """D16: an empty summary.json, a results.json of ``{}``, a metrics.jsonl line cut short and a checkpoint of
+    another head each fail in one line naming the file (not "Expecting value", "'dataset'", "Unterminated string"
+    or the first line of torch's state-dict error)."""
+    from repsim.report import build_report
+    from repsim.train.runs import load_run
+    from repsim.train.table import collect
+
+    if damage == "summary":
+        (run_copy / "summary.json").write_text("")
+        with pytest.raises(ValueError) as err:
+            runner.train_or_reuse(config(), run_copy, None)
+        one_line_error(err, run_copy / "summary.json", "not valid JSON")
+    elif damage == "results":
+        (tmp_path / "exp").mkdir()
+        (tmp_path / "exp" / "results.json").write_text("{}")
+        with pytest.raises(ValueError) as err:
+            collect([tmp_path / "exp"])
+        one_line_error(err, tmp_path / "exp" / "results.json", "dataset")
+    elif damage == "metrics":
+        with open(run_copy / "metrics.jsonl", "a") as fh:
+            fh.write('{"epoch": 1, "train_lo')
+        with pytest.raises(ValueError) as err:
+            build_report(run_copy)
+        one_line_error(err, run_copy / "metrics.jsonl", "line 2")
+    else:
+        best = run_copy / "checkpoints" / "best.pt"
+        state = torch.load(best, weights_only=True)
+        state["model"] = {k: torch.cat([v, v]) if k.startswith("head") else v for k, v in state["model"].items()}
+        torch.save(state, best)
+        with pytest.raises(ValueError) as err:
+            load_run(run_copy, "best", part="classifier")
+        one_line_error(err, best, "size mismatch", "head")
+
+
+def test_study_with_zero_jobs_named(tmp_path) -> None:
+    """D16: ``study --jobs 0`` says what is wrong, not "integer division or modulo by zero"."""
+    proc = subprocess.run([sys.executable, "-m", "repsim", "study", "--preset", "tiny", "--jobs", "0", "--out",
+                           str(tmp_path / "S")], capture_output=True, text=True, env={**os.environ,
+                                                                                     "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "jobs must be >= 1" in proc.stderr and len(proc.stderr.splitlines()) == 1

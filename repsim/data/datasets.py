@@ -106,10 +106,13 @@ class ImageDataset(Dataset):
         img = self.source.images[j]
         if isinstance(img, np.ndarray):
             return Image.fromarray(img).convert(self.mode)
-        with Image.open(img) as fh:
-            if fh.mode in HIGH_DEPTH:
-                return _high_depth(fh, Path(img), 1 if self.mode == "L" else 3)
-            return fh.convert(self.mode)
+        try:
+            with Image.open(img) as fh:
+                if fh.mode in HIGH_DEPTH:
+                    return _high_depth(fh, Path(img), 1 if self.mode == "L" else 3)
+                return fh.convert(self.mode)
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow's errors for a bad file
+            raise ValueError(f"{img} cannot be read as an image ({_first_line(err)}); replace or remove it") from None
 
     def target(self, i: int) -> torch.Tensor:
         t = self.source.targets[self.indices[i]]

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from repsim.data import prepare
-from repsim.files import load_torch, lock, save_torch, write_text
+from repsim.files import load_state, load_torch, lock, save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 from repsim.models.classifier import FoundationClassifier
 from repsim.progress import tqdm
@@ -209,7 +209,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, *, data_root: str | Path | None, 
                              "bad_epochs": 0, "plateaus": 0, "train_seconds": 0.0}
     if resume and (ckpt_dir / "last.pt").exists():
         ckpt = load_torch(ckpt_dir / "last.pt", map_location=device)
-        model.load_state_dict(ckpt["model"])
+        load_state(model, ckpt["model"], ckpt_dir / "last.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
@@ -285,7 +285,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, *, data_root: str | Path | None, 
 
     # --- test the best checkpoint
     best = load_torch(ckpt_dir / "best.pt", map_location=device)
-    model.load_state_dict(best["model"])
+    load_state(model, best["model"], ckpt_dir / "best.pt")
     probs, targets, seconds = predict(model, data.datasets["test"], desc="test", **eval_kw)
     summary = {
         "dataset": data.info.name, "task": task, "metric": metric_name, "model": cfg["model"]["name"],

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from repsim.data import prepare
-from repsim.files import write_text
+from repsim.files import read_json, write_text
 from repsim.knn import knn_evaluate
 from repsim.train.config import check_slug, expand, load_spec, parse_overrides
 from repsim.train.loop import train
@@ -39,7 +39,7 @@ def train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | N
     check_run_paths(run_dir)
     if (run_dir / "summary.json").exists():
         check_same_config(cfg, run_dir)
-        return json.loads((run_dir / "summary.json").read_text())
+        return read_json(run_dir / "summary.json")
     return train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
 
 

@@ -21,7 +21,7 @@ from typing import Literal
 
 from torch import nn
 
-from repsim.files import inside, load_torch
+from repsim.files import inside, load_state, load_torch, read_json
 
 # every path a run reads or writes, relative to its folder
 RUN_FILES = (".lock", "config.yaml", "model.json", "split.json", "metrics.jsonl", "summary.json", "backbone_init.pt",
@@ -45,7 +45,7 @@ def find_runs(exp_dir: str | Path, lr: float | None = None) -> list[Path]:
     (lr, seed)."""
     found = []
     for path in Path(exp_dir).rglob("summary.json"):
-        s = json.loads(path.read_text())
+        s = read_json(path)
         if lr is None or math.isclose(s["lr"], lr, rel_tol=1e-9):
             found.append((s["lr"], s["seed"], path.parent))
     return [p for *_, p in sorted(found)]
@@ -87,7 +87,7 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
             raise FileNotFoundError(f"{init} is missing: the run predates saved initial heads, so its initial "
                                     "classifier cannot be loaded (its initial backbone can: part='backbone')")
         state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_torch(init)}
-    model.load_state_dict(state)
+    load_state(model, state, run / "checkpoints" / f"{which}.pt")
     return model.eval()
 
 

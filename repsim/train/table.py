@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from repsim.files import read_json
+
 RESULT_FILES = ("results.json", "knn.json")
+RESULT_KEYS = ("dataset", "model", "scenario", "metric", "test")  # what a table row reads of a result
 
 
 def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -17,10 +19,20 @@ def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         if not path.exists():
             raise FileNotFoundError(f"no such run folder: {path}")
         files = [path] if path.is_file() else sorted(p for n in RESULT_FILES for p in path.rglob(n))
-        found += [json.loads(f.read_text()) for f in files]
+        found += [_checked(f) for f in files]
     if not found:
         raise FileNotFoundError(f"no {' or '.join(RESULT_FILES)} under {[str(p) for p in paths]}")
     return found
+
+
+def _checked(path: Path) -> dict[str, Any]:
+    """The result in ``path``, checked to hold what a table needs (one line naming the file otherwise)."""
+    result = read_json(path)
+    missing = [k for k in RESULT_KEYS if k not in result] if isinstance(result, dict) else list(RESULT_KEYS)
+    if missing:
+        raise ValueError(f"{path} lacks {missing} (written by something else, or edited); remove it or rerun its "
+                         "experiment")
+    return result
 
 
 def _variant(r: dict[str, Any]) -> str:
