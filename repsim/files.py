@@ -143,15 +143,51 @@ def save_netcdf(obj: xr.DataArray | xr.Dataset, path: str | os.PathLike[str]) ->
     return atomic(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
 
 
+MAX_NC_BYTES = 2**30  # the most a netCDF file may hold once decompressed (a 1,000-layer CKA result is ~24 MB)
+
+
+def _check_hdf5(path: Path) -> None:
+    """Refuse an HDF5 (netCDF4) file whose data lives outside it (external or virtual storage, which HDF5 reads
+    from any file named in it) or whose datasets decompress to more than ``MAX_NC_BYTES``; checked before any data
+    is read."""
+    import h5py
+
+    found: list[tuple[str, int, bool]] = []
+    with h5py.File(path, "r") as fh:
+        fh.visititems(lambda name, obj: found.append((name, int(obj.size) * obj.dtype.itemsize,
+                                                       bool(obj.external or obj.is_virtual)))
+                      if isinstance(obj, h5py.Dataset) else None)
+    outside = [name for name, _, ext in found if ext]
+    if outside:
+        raise ValueError(f"{path}: variables {outside} are stored outside the file (HDF5 external or virtual "
+                         "storage), which repsim never reads; write the file with to_netcdf")
+    total = sum(size for _, size, _ in found)
+    if total > MAX_NC_BYTES:
+        raise ValueError(f"{path} holds {total / 2**30:.1f} GiB once decompressed, more than a CKA result "
+                         f"({MAX_NC_BYTES / 2**30:.0f} GiB at most); refused before decompressing")
+
+
 def load_netcdf(path: str | os.PathLike[str]) -> xr.Dataset:
-    """Read a netCDF file written by ``save_netcdf`` fully into memory (the file is closed on return)."""
+    """Read a netCDF file fully into memory (the file is closed on return): netCDF4/HDF5 as ``save_netcdf`` writes
+    it (checked first by ``_check_hdf5``) or netCDF3 (``to_netcdf(engine="scipy")``, uncompressed)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
     try:
-        with xr.open_dataset(path, engine="h5netcdf") as ds:
+        if magic.startswith(b"CDF"):
+            if path.stat().st_size > MAX_NC_BYTES:
+                raise ValueError(f"{path.stat().st_size / 2**30:.1f} GiB, more than a CKA result")
+            engine = "scipy"
+        else:
+            _check_hdf5(path)
+            engine = "h5netcdf"
+        with xr.open_dataset(path, engine=engine) as ds:
             return ds.load()
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
+        if str(err).startswith(str(path)):
+            raise
         raise ValueError(f"{path} is not a netCDF file repsim can read: {str(err).splitlines()[0]}") from None
 
 

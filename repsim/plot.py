@@ -113,6 +113,9 @@ def _cells(da: xr.DataArray, width: xr.DataArray | None, annotate: str) -> np.nd
     return np.vectorize(lambda v, w: f"{v:.2f}\n±{w / 2:.2f}")(values, np.asarray(width.values, dtype=float))
 
 
+MAX_INCHES = 40.0  # the largest side of a heatmap's figure: its memory would otherwise grow with layers²
+
+
 def heatmap(
     m: Matrix,
     *,
@@ -142,6 +145,7 @@ def heatmap(
     if ax is None:
         cell = 0.55 if annotate == "ci" else 0.35
         size = (1.8 + cell * max(6, da.sizes["layer_b"]), 1.4 + cell * 0.85 * max(6, da.sizes["layer_a"]))
+        size = (min(size[0], MAX_INCHES), min(size[1], MAX_INCHES))  # many layers: smaller cells, bounded memory
         ax = ReprFigure(figsize=size, layout="constrained").add_subplot()
     sns.heatmap(
         np.asarray(da.values, dtype=float), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=cbar,

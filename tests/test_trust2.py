@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -553,3 +554,58 @@ def test_study_with_zero_jobs_named(tmp_path) -> None:
                            str(tmp_path / "S")], capture_output=True, text=True, env={**os.environ,
                                                                                      "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "jobs must be >= 1" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def cka_dataset(n: int = 3) -> xr.Dataset:
+    names = [f"l{i}" for i in range(n)]
+    values = np.random.default_rng(0).random((n, n))
+    return xr.Dataset({"cka": (("layer_a", "layer_b"), values)}, coords={"layer_a": names, "layer_b": names})
+
+
+def test_netcdf3_files_load(tmp_path) -> None:
+    """D18: ``to_netcdf(engine="scipy")`` (netCDF3) output loads, as the README says ``to_netcdf`` files do."""
+    import repsim
+
+    ds = cka_dataset()
+    ds.to_netcdf(tmp_path / "cka3.nc", engine="scipy")
+    xr.testing.assert_identical(repsim.load(tmp_path / "cka3.nc"), ds)
+
+
+def test_netcdf_external_storage_refused(tmp_path) -> None:
+    """D14: an HDF5 variable stored in another file (external storage) is never read: it returned that file's
+    bytes."""
+    import h5py
+
+    import repsim
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"SECRET-HOSTNAME\n")
+    path = tmp_path / "crafted.nc"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("cka", shape=(16,), dtype="u1", external=[(str(secret), 0, 16)])
+    with pytest.raises(ValueError) as err:
+        repsim.load(path)
+    one_line_error(err, path, "outside the file")
+
+
+def test_netcdf_decompression_bomb_refused(tmp_path) -> None:
+    """D14: a small file declaring more than 1 GiB of (compressed or unwritten) data is refused before reading."""
+    import h5py
+
+    import repsim
+
+    path = tmp_path / "bomb.nc"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("cka", shape=(12_000, 12_000), dtype="f8", chunks=(1000, 1000), compression="gzip")
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ValueError) as err:
+        repsim.load(path)
+    one_line_error(err, path, "GiB", "before decompressing")
+
+
+def test_heatmap_of_many_layers_is_bounded() -> None:
+    """D14: the figure of a 1,200-layer heatmap grew with the layer count (421 in a side, > 6 GB to render)."""
+    from repsim.plot import heatmap
+
+    fig = heatmap(cka_dataset(1200)["cka"], annotate="none")
+    assert max(fig.get_size_inches()) <= 40
