@@ -135,6 +135,8 @@ def heatmap(
     ``"ci"`` CKA ± half its bootstrap CI (needs ``lower``/``upper``), ``"none"`` nothing, ``"auto"`` CKA up to 12x12
     cells. Draws into ``ax`` when given; returns the Figure (rendered inline by Jupyter), never shown by pyplot.
     """
+    if not vmin < vmax:
+        raise ValueError(f"vmin ({vmin}) must be below vmax ({vmax}): they bound the colour scale")
     da, width = _split(m)
     if da.dims != ("layer_a", "layer_b"):
         raise ValueError(f"expected dims ('layer_a', 'layer_b'), got {da.dims}")

@@ -609,3 +609,32 @@ def test_heatmap_of_many_layers_is_bounded() -> None:
 
     fig = heatmap(cka_dataset(1200)["cka"], annotate="none")
     assert max(fig.get_size_inches()) <= 40
+
+
+def test_api_gaps_get_one_line_errors() -> None:
+    """D19: each call that used to go through (or fail deep inside numpy or torch) gets a one-line error."""
+    from repsim import MinibatchCKA, models
+    from repsim.data import loader
+    from repsim.plot import heatmap
+
+    rng = np.random.default_rng(0)
+    mb = MinibatchCKA(keep_batches=True)
+    for _ in range(3):
+        mb.update({name: rng.standard_normal((8, 3)) for name in ("p", "q")})
+    state = mb.state_dict()
+    state["layers_a"] = ["p", "q", "r"]  # three names for 2x2 tensors
+    with pytest.raises(ValueError) as err:
+        MinibatchCKA(keep_batches=True).load_state_dict(state)
+    one_line_error(err, "cross", "(2, 2)", "(3, 3)")
+    with pytest.raises(ValueError) as err:
+        models.create("test_resnet", in_chans=0, img_size=28)
+    one_line_error(err, "in_chans", "0")
+    with pytest.raises(ValueError) as err:
+        loader("synthetic", n_samples=-3, img_size=8)
+    one_line_error(err, "n_samples", "-3")
+    with pytest.raises(ValueError) as err:
+        mb.bootstrap(n_boot=True)
+    one_line_error(err, "n_boot", "True")
+    with pytest.raises(ValueError) as err:
+        heatmap(mb.compute(), vmin=1.0, vmax=0.0)
+    one_line_error(err, "vmin", "vmax")

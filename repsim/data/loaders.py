@@ -87,6 +87,8 @@ def loader(data: str, *, split: str = "test", img_size: int = 224, root: str | P
     """
     from repsim.data.synthetic import SyntheticPatterns
 
+    if n_samples is not None and (not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1):
+        raise ValueError(f"n_samples must be a positive number of samples (or None for all), got {n_samples!r}")
     if data == "synthetic":
         if channels != 3:
             raise ValueError(f"the synthetic data has 3 channels, not {channels}")
