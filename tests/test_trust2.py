@@ -13,12 +13,15 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import xarray as xr
 from PIL import Image
 from torch import nn
@@ -638,3 +641,38 @@ def test_api_gaps_get_one_line_errors() -> None:
     with pytest.raises(ValueError) as err:
         heatmap(mb.compute(), vmin=1.0, vmax=0.0)
     one_line_error(err, "vmin", "vmax")
+
+
+def _stall_worker(rank: int, port: int, out: str) -> None:
+    from repsim.train.utils import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      REPSIM_COLLECTIVE_TIMEOUT="3")
+    distributed()
+    if rank == 1:  # the stalled rank: never reaches the collective
+        time.sleep(60)
+        return
+    start = time.perf_counter()
+    try:
+        dist.barrier()
+        what = "barrier passed"
+    except RuntimeError as err:
+        what = str(err)
+    Path(out, "rank0.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "error": what}))
+
+
+def test_stalled_rank_times_out_the_collective(tmp_path, free_port) -> None:
+    """D15: under torch.distributed (gloo), a rank stalled before a collective made the other wait 30 min; with
+    REPSIM_COLLECTIVE_TIMEOUT=3 the waiting rank fails after about 3 s."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx = mp.spawn(_stall_worker, args=(free_port, str(tmp_path)), nprocs=2, join=False)
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "rank0.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for proc in ctx.processes:
+            proc.kill()
+            proc.join()
+    assert (tmp_path / "rank0.json").exists(), "rank 0 still blocked in the collective after 60 s"
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert got["error"] != "barrier passed" and got["seconds"] < 20, got
