@@ -146,6 +146,7 @@ def test_resume_from_bad_last_checkpoint(data_root, tmp_path) -> None:
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.pt"
     plant(last, tmp_path / "pwned", {"model": {}, "state": {"epoch": 0}})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))  # a run without it is refused before last.pt is read
     with pytest.raises(ValueError) as err:
         train(cfg, run, data_root=data_root, resume=True, progress=False)
     one_line_error(err, last, "refuses")
