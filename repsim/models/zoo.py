@@ -166,6 +166,10 @@ def create(
     """
     if pretrained and checkpoint is not None:
         raise ValueError("give pretrained=True or checkpoint=PATH, not both")
+    for arg, value in (("in_chans", in_chans), ("img_size", img_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{arg} must be a positive number ({'image channels' if arg == 'in_chans' else 'pixels'})"
+                             f", got {value!r}")
     check_name(name)
     entry = ZOO.get(name)
     build = functools.partial(

@@ -87,6 +87,8 @@ class Study:
     def __init__(self, settings: Settings, out: str | Path, *, data_root: str | Path | None = None,
                  jobs: int = 1, threads: int | None = None, device: str = "auto") -> None:
         settings.check()
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1 (parallel training processes), got {jobs}")
         self.settings, self.out = settings, Path(out).resolve()
         self.data_root = None if data_root is None else str(Path(data_root).resolve())
         self.jobs, self.device = jobs, device

@@ -25,21 +25,22 @@ import torch
 import yaml
 
 from repsim.data import prepare
-from repsim.files import write_text
+from repsim.files import read_json, write_text
 from repsim.knn import knn_evaluate
 from repsim.threads import kept_threads
 from repsim.train.config import check_slug, expand, load_spec, parse_overrides
 from repsim.train.loop import train
-from repsim.train.runs import run_dir
+from repsim.train.runs import check_run_paths, run_dir
 from repsim.train.utils import build_model, check_same_config, describe_weights, distributed, pick_device
 
 
 def train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | None, resume: bool = True,
                    progress: bool = False) -> dict[str, Any]:
     """The summary of the run of ``cfg`` in ``run_dir``: read when the run has finished, else trained (resumed)."""
+    check_run_paths(run_dir)
     if (run_dir / "summary.json").exists():
         check_same_config(cfg, run_dir)
-        return json.loads((run_dir / "summary.json").read_text())
+        return read_json(run_dir / "summary.json")
     with kept_threads():  # train() picks the threads for its model; the caller's count comes back
         return train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
 

@@ -14,20 +14,32 @@
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-if TYPE_CHECKING:  # torch is imported by the loaders only: checking a run folder stays instant
+if TYPE_CHECKING:  # torch is imported by the loaders only: checking a run folder stays quick
     from torch import nn
+
+from repsim.files import inside, load_state, load_torch, read_json
+
+# every path a run reads or writes, relative to its folder
+RUN_FILES = (".lock", "config.yaml", "model.json", "split.json", "metrics.jsonl", "summary.json", "backbone_init.pt",
+             "backbone_best.pt", "checkpoints", "checkpoints/best.pt", "checkpoints/init.pt", "checkpoints/last.pt")
 
 
 def run_dir(exp_dir: str | Path, lr: float, seed: int) -> Path:
-    """The folder of the run at ``lr`` and ``seed`` inside an experiment folder."""
-    return Path(exp_dir) / f"lr{lr:g}" / f"seed{seed}"
+    """The folder of the run at ``lr`` and ``seed`` inside an experiment folder (symbolic links resolved: a link
+    that leads out of the experiment folder is refused)."""
+    return inside(Path(exp_dir) / f"lr{lr:g}" / f"seed{seed}", exp_dir)
+
+
+def check_run_paths(run: str | Path) -> None:
+    """Refuse a run folder where any file of the run resolves outside it (a planted symbolic link)."""
+    for name in RUN_FILES:
+        inside(Path(run) / name, run)
 
 
 def find_runs(exp_dir: str | Path, lr: float | None = None) -> list[Path]:
@@ -35,7 +47,7 @@ def find_runs(exp_dir: str | Path, lr: float | None = None) -> list[Path]:
     (lr, seed)."""
     found = []
     for path in Path(exp_dir).rglob("summary.json"):
-        s = json.loads(path.read_text())
+        s = read_json(path)
         if lr is None or math.isclose(s["lr"], lr, rel_tol=1e-9):
             found.append((s["lr"], s["seed"], path.parent))
     return [p for *_, p in sorted(found)]
@@ -84,7 +96,7 @@ def run_inputs(run: str | Path) -> RunInputs:
     from repsim.inputs import IMAGENET_MEAN, IMAGENET_STD
 
     run = check_run(run)
-    record = json.loads((run / "model.json").read_text())
+    record = read_json(run / "model.json")
     config = run / "config.yaml"
     data = (yaml.safe_load(config.read_text()) or {}).get("data", {}) if config.is_file() else {}
     if record.get("input_mean") and record.get("input_std"):
@@ -97,7 +109,7 @@ def run_inputs(run: str | Path) -> RunInputs:
         stats, source = (IMAGENET_MEAN, IMAGENET_STD), "ImageNet statistics (the run did not record its own)"
     split = run / "split.json"
     return RunInputs(str(run), int(record["img_size"]), int(record["in_chans"]), *stats, source,
-                     json.loads(split.read_text()) if split.is_file() else None)
+                     read_json(split) if split.is_file() else None)
 
 
 def load_run(run: str | Path, which: Literal["init", "best"] = "best",
@@ -107,7 +119,6 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
     ``weights_only``). The backbone carries the run's ``RunInputs``: ``repsim.compare`` feeds it the normalisation it
     trained with, ``repsim.data.loader(like=...)`` keeps its training images out of a CKA."""
     from repsim import models
-    from repsim.files import load_torch
 
     if which not in ("init", "best"):
         raise ValueError(f"which must be 'init' or 'best', got {which!r}")
@@ -115,7 +126,7 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
         raise ValueError(f"part must be 'backbone' or 'classifier', got {part!r}")
     inputs = run_inputs(run)
     run = Path(run)
-    record = json.loads((run / "model.json").read_text())
+    record = read_json(run / "model.json")
     backbone = models.create(record["name"], checkpoint=run / f"backbone_{which}.pt", img_size=record["img_size"],
                              in_chans=record["in_chans"], decapitate=record.get("decapitate"), **record["kwargs"])
     for key in ("input_mean", "input_std", "normalisation_source", "run_dir", "heldout"):
@@ -133,7 +144,7 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
             raise FileNotFoundError(f"{init} is missing: the run predates saved initial heads, so its initial "
                                     "classifier cannot be loaded (its initial backbone can: part='backbone')")
         state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_torch(init)}
-    model.load_state_dict(state)
+    load_state(model, state, run / "checkpoints" / f"{which}.pt")
     return model.eval()
 
 
