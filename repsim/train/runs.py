@@ -8,6 +8,12 @@
         checkpoints/last.pt                          resume state (removed once the run has finished)
     <experiment>/results.json          LR search and mean ± std over seeds (``run_experiment``)
 
+    <pretrain run>/                    one self-supervised run (``repsim.train.pretrain.pretrain``)
+        config.yaml  model.json  split.json  metrics.jsonl  summary.json
+        backbone_init.pt  backbone_best.pt           the start and the final teacher backbone
+        checkpoints/last.pt                          resume state (removed once the run has finished)
+        collapsed.json                               instead of backbone_best.pt when the run collapsed
+
 ``load_run(run, which, part)`` rebuilds the exact model of a run from ``model.json`` and these files, so
 ``repsim cka --run-a DIR``, the study and the report all read runs the same way.
 """
@@ -22,6 +28,8 @@ from typing import Literal
 from torch import nn
 
 from repsim.files import load_torch
+
+COLLAPSED = "collapsed.json"  # written by a pretraining run that collapsed: it is never a usable start
 
 
 def run_dir(exp_dir: str | Path, lr: float, seed: int) -> Path:
@@ -57,10 +65,15 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
         raise ValueError(f"which must be 'init' or 'best', got {which!r}")
     if part not in ("backbone", "classifier"):
         raise ValueError(f"part must be 'backbone' or 'classifier', got {part!r}")
+    if (run / COLLAPSED).is_file():
+        reason = json.loads((run / COLLAPSED).read_text())["reason"]
+        raise ValueError(f"{run} is a collapsed pretraining run ({reason}); it is not usable as a start")
     if not is_run(run):
         raise FileNotFoundError(f"{run} is not a finished trainer run (needs model.json, backbone_init.pt and "
                                 "backbone_best.pt)")
     record = json.loads((run / "model.json").read_text())
+    if part == "classifier" and record.get("kind") == "pretrain":
+        raise ValueError(f"{run} is a self-supervised pretraining run: it has a backbone, no classifier")
     backbone = models.create(record["name"], checkpoint=run / f"backbone_{which}.pt", img_size=record["img_size"],
                              in_chans=record["in_chans"], decapitate=record.get("decapitate"), **record["kwargs"])
     if part == "backbone":
@@ -86,7 +99,7 @@ def load_backbone(model: str | Path, *, which: Literal["init", "best"] = "best",
     run folder (its ``which`` weights, at the run's size), in eval mode."""
     from repsim import models
 
-    if is_run(model):
+    if is_run(model) or (Path(model) / COLLAPSED).is_file():
         if pretrained or checkpoint is not None:
             raise ValueError(f"{model} is a run folder: its weights come from the run, not pretrained/checkpoint")
         return load_run(model, which)
