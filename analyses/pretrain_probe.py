@@ -58,7 +58,7 @@ def probe(start: str, data: str, data_root: Path, img_size: int) -> dict[str, fl
     summary = Path(start) / "summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
-        out.update(final_loss=s["final_loss"], ln_k=s["ln_k"], train_seconds=s["train_seconds"],
+        out.update(final_loss=s["final_loss"], chance_loss=s["chance_loss"], train_seconds=s["train_seconds"],
                    epochs=s["epochs_run"])
     return out
 
@@ -70,11 +70,11 @@ def main() -> None:
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--img-size", type=int, default=48)
     args = p.parse_args()
-    print("| start | test AUC (k-NN) | test AUC (logistic) | effective rank | final loss (ln K) | epochs | wall |")
+    print("| start | test AUC (k-NN) | test AUC (logistic) | effective rank | final loss (chance) | epochs | wall |")
     print("|---|---|---|---|---|---|---|")
     for start in args.starts:
         r = probe(start, args.data, args.data_root, args.img_size)
-        loss = f"{r['final_loss']:.3f} ({r['ln_k']:.3f})" if "final_loss" in r else "-"
+        loss = f"{r['final_loss']:.3f} ({r['chance_loss']:.3f})" if "final_loss" in r else "-"
         wall = f"{r['train_seconds'] / 60:.1f} min" if "train_seconds" in r else "-"
         print(f"| {start} | {r['knn_auc']:.3f} | {r['logreg_auc']:.3f} | {r['effective_rank']:.1f} | {loss} | "
               f"{r.get('epochs', '-')} | {wall} |", flush=True)

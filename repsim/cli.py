@@ -232,6 +232,8 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset name (breastmnist, ...), MedMNIST .npz or image folder")
     p.add_argument("--data-root", help="folder holding the named datasets (medmnist/*.npz, ...)")
     p.add_argument("--model", required=True, help="zoo or timm name, e.g. efficientnet_lite0")
+    p.add_argument("--method", choices=("dino", "simclr"), default="dino",
+                   help="DINO (the paper's Appendix B) or SimCLR (steadier at small batch; reported as SimCLR)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pretrained", action="store_true", help="start from the library's pretrained weights")
     g.add_argument("--checkpoint", help="start from local weights (default: random init)")
@@ -255,7 +257,7 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 def pretrain(args: argparse.Namespace) -> int:
     from repsim.train.pretrain import data_block, pretrain
 
-    cfg = {"data": data_block(args.data, img_size=args.img_size, channels=args.channels),
+    cfg = {"method": args.method, "data": data_block(args.data, img_size=args.img_size, channels=args.channels),
            "model": {"name": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint},
            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                      "device": args.device, "num_workers": args.num_workers},
@@ -263,8 +265,8 @@ def pretrain(args: argparse.Namespace) -> int:
                     "teacher_temp": args.teacher_temp, "momentum": args.momentum},
            "views": {"local_crops": args.local_crops}}
     s = pretrain(cfg, args.out, data_root=args.data_root, resume=args.resume)
-    print(f"{s['method']} {s['epochs_run']} epochs: loss {s['final_loss']:.4f} (ln K {s['ln_k']:.4f}), val effective "
-          f"rank {s['val_effective_rank']:.1f}, {s['train_seconds']:.0f} s; backbone in {args.out}")
+    print(f"{s['method']} {s['epochs_run']} epochs: loss {s['final_loss']:.4f} (chance {s['chance_loss']:.4f}), "
+          f"val effective rank {s['val_effective_rank']:.1f}, {s['train_seconds']:.0f} s; backbone in {args.out}")
     return 0
 
 

@@ -14,7 +14,6 @@ output goes uniform, whose features lose their rank or whose loss diverges stops
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from repsim.backbone import Backbone
 from repsim.data import prepare
 from repsim.data.datasets import ImageDataset
 from repsim.data.named import NAMED
@@ -32,15 +32,7 @@ from repsim.metrics import spectrum
 from repsim.progress import tqdm
 from repsim.train import runs
 from repsim.train.config import config_diff
-from repsim.train.ssl import (
-    Collapsed,
-    MultiCrop,
-    base_lr,
-    build_dino,
-    collapse_signal,
-    resolve_config,
-    teacher_entropy,
-)
+from repsim.train.ssl import Collapsed, MultiCrop, base_lr, build_method, collapse_signal, resolve_config
 from repsim.train.utils import param_groups, pick_device, rng_state, seed_everything, set_rng_state
 
 
@@ -58,7 +50,7 @@ def data_block(data: str, **extra: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def pooled_features(backbone: torch.nn.Module, dataset: Any, *, batch_size: int, device: torch.device) -> torch.Tensor:
+def pooled_features(backbone: Backbone, dataset: Any, *, batch_size: int, device: torch.device) -> torch.Tensor:
     """Pooled features of every image of ``dataset`` (eval mode, the dataset's own transform), on the CPU."""
     was_training = backbone.training
     backbone.eval()
@@ -71,8 +63,6 @@ def pooled_features(backbone: torch.nn.Module, dataset: Any, *, batch_size: int,
 def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Path | None = None,
              resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Pretrain ``cfg`` (see ``repsim.train.ssl.PRETRAIN_DEFAULTS``) into ``run_dir``; return its summary."""
-    from lightly.loss import DINOLoss
-    from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import cosine_schedule
 
     from repsim import models
@@ -92,30 +82,27 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
         diff = config_diff(yaml.safe_load((run_dir / "config.yaml").read_text()), yaml.safe_load(yaml.safe_dump(cfg)))
         if diff:
             raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); use another --out")
-    tr, dn, co = cfg["train"], cfg["dino"], cfg["collapse"]
+    tr, co = cfg["train"], cfg["collapse"]
     device, seed = pick_device(tr["device"]), int(tr["seed"])
     seed_everything(seed)
 
     # --- data: TRAIN images as multi-crop views; VAL images (eval transform) only for the effective rank
     data = prepare(cfg["data"], data_root, seed=seed)
     info = data.info
-    views = MultiCrop(cfg["data"]["img_size"], info.mean, info.std, cfg["views"], colour=info.channels == 3)
+    view_cfg = {**cfg["views"], "local_crops": cfg["views"]["local_crops"] if cfg["method"] == "dino" else 0}
+    views = MultiCrop(cfg["data"]["img_size"], info.mean, info.std, view_cfg, colour=info.channels == 3)
     train_set = ImageDataset(data.source, data.split["train"], views, channels=info.channels, seed=seed)
     n_train, bs = len(train_set), tr["batch_size"]
     if n_train < bs:
         raise ValueError(f"train.batch_size={bs} exceeds the {n_train} train images of {info.name}; lower it")
     steps_per_epoch, total = n_train // bs, tr["epochs"] * (n_train // bs)
 
-    # --- model: student and EMA teacher; the loss holds the centre
+    # --- model: the method's networks (DINO: student, EMA teacher, loss with its centre)
     m = cfg["model"]
     kwargs = dict(m["kwargs"] or {})
     backbone = models.create(m["name"], pretrained=bool(m["pretrained"]), checkpoint=m["checkpoint"],
                              img_size=cfg["data"]["img_size"], in_chans=info.channels, **kwargs)
-    student, teacher = build_dino(backbone, dn)
-    student.to(device), teacher.to(device)
-    loss_fn = DINOLoss(dn["out_dim"], warmup_teacher_temp=dn["warmup_teacher_temp"], teacher_temp=dn["teacher_temp"],
-                       warmup_teacher_temp_epochs=dn["warmup_teacher_temp_epochs"], student_temp=dn["student_temp"],
-                       center_momentum=dn["center_momentum"]).to(device)
+    method = build_method(backbone, cfg, total).to(device)
     record = {"name": m["name"], "kwargs": kwargs, "img_size": cfg["data"]["img_size"], "in_chans": info.channels,
               "scenario": None, "num_classes": None, "classifier": {}, "freeze_blocks": None, "decapitate": None,
               "pretrained": bool(m["pretrained"]), "checkpoint": m["checkpoint"], "kind": "pretrain",
@@ -129,13 +116,11 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
 
     lr_peak = base_lr(cfg)
     warmup = tr["warmup_epochs"] * steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups(student, tr["weight_decay"]), lr=lr_peak)
+    optimizer = torch.optim.AdamW(param_groups(method.student, tr["weight_decay"]), lr=lr_peak)
     state: dict[str, Any] = {"epoch": 0, "iteration": 0, "bad_epochs": 0, "train_seconds": 0.0}
     if resume and (ckpt_dir / "last.pt").exists():
         ckpt = load_torch(ckpt_dir / "last.pt", map_location=device)
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        loss_fn.load_state_dict(ckpt["loss"])
+        method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
         set_rng_state(ckpt["rng"])
@@ -150,44 +135,33 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         batches = order[:steps_per_epoch * bs].view(steps_per_epoch, bs).tolist()
         loader = DataLoader(train_set, batch_sampler=batches, num_workers=tr["num_workers"])
-        student.train(), teacher.train()
-        t_temp = float(loss_fn.teacher_temp_schedule[epoch]) if epoch < dn["warmup_teacher_temp_epochs"] \
-            else dn["teacher_temp"]
-        sums = torch.zeros(2, dtype=torch.float64)
+        method.train()
+        sums: dict[str, float] = {}
         for batch, _ in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress):
             it = state["iteration"]
             lr = lr_peak * (it + 1) / warmup if it < warmup else \
                 cosine_schedule(it - warmup, max(1, total - warmup), lr_peak, tr["min_lr"])
             wd = cosine_schedule(it, total, tr["weight_decay"], tr["weight_decay_end"])
-            momentum = cosine_schedule(it, total, dn["momentum"], 1.0)
             optimizer.param_groups[0].update(lr=lr, weight_decay=wd)
             optimizer.param_groups[1].update(lr=lr)
-            update_momentum(student, teacher, m=momentum)
-            crops, n_global = [c.to(device) for c in batch], 2
-            with torch.no_grad():
-                t_out = teacher(torch.cat(crops[:n_global])).chunk(n_global)
-                entropy = teacher_entropy(torch.cat(t_out), loss_fn.center, t_temp)
-            s_out = list(student(torch.cat(crops[:n_global])).chunk(n_global))
-            if len(crops) > n_global:
-                s_out += list(student(torch.cat(crops[n_global:])).chunk(len(crops) - n_global))
-            loss = loss_fn(list(t_out), s_out, epoch=epoch)
+            loss, stats = method.step([c.to(device) for c in batch], epoch, it)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tr["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), tr["grad_clip"])
-            student.head.cancel_last_layer_gradients(epoch)
+                torch.nn.utils.clip_grad_norm_(method.student.parameters(), tr["grad_clip"])
+            method.after_backward(epoch)
             optimizer.step()
-            sums += torch.tensor([float(loss.detach()), float(entropy)], dtype=torch.float64)
+            for key, value in {"loss": float(loss.detach()), **stats}.items():
+                sums[key] = sums.get(key, 0.0) + value
             state["iteration"] += 1
         state["train_seconds"] += time.perf_counter() - start
-        rank = spectrum(pooled_features(teacher.backbone, data.datasets["val"], batch_size=tr["eval_batch_size"],
+        rank = spectrum(pooled_features(method.result, data.datasets["val"], batch_size=tr["eval_batch_size"],
                                         device=device).numpy())
         last = {"epoch": epoch, "iteration": state["iteration"], "lr": lr, "weight_decay": wd,
-                "momentum": momentum, "teacher_temp": t_temp, "loss": float(sums[0]) / steps_per_epoch,
-                "teacher_entropy": float(sums[1]) / steps_per_epoch, "ln_k": math.log(dn["out_dim"]),
+                **{k: v / steps_per_epoch for k, v in sums.items()}, "chance_loss": method.chance_loss,
                 "val_effective_rank": rank["effective_rank"], "val_top1_share": rank["top1_share"],
                 "seconds": time.perf_counter() - start}
-        signal = collapse_signal(last, dn["out_dim"], co)
+        signal = collapse_signal(last, method, co)
         state["bad_epochs"] = state["bad_epochs"] + 1 if signal else 0
         state["epoch"] = epoch + 1
         with open(metrics, "a") as fh:
@@ -197,16 +171,17 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
             write_text(marker, json.dumps({"epoch": epoch, "reason": reason, **last}, indent=2))
             (ckpt_dir / "last.pt").unlink(missing_ok=True)
             raise Collapsed(f"{reason}; the run stopped and wrote no backbone_best.pt (see {metrics.name})")
-        save_torch({"student": student.state_dict(), "teacher": teacher.state_dict(), "loss": loss_fn.state_dict(),
-                    "optimizer": optimizer.state_dict(), "state": state, "rng": rng_state()}, ckpt_dir / "last.pt")
+        save_torch({"method": method.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                    "rng": rng_state()}, ckpt_dir / "last.pt")
 
-    # --- the teacher's backbone is the result (DINO evaluates the teacher)
-    save_torch(teacher.backbone.state_dict(), run_dir / "backbone_best.pt")
+    # --- the method's result backbone (DINO: the teacher's, which DINO evaluates)
+    save_torch(method.result.state_dict(), run_dir / "backbone_best.pt")
     final = last or json.loads(metrics.read_text().splitlines()[-1])
     summary = {"method": cfg["method"], "dataset": info.name, "model": m["name"], "pretrained": bool(m["pretrained"]),
                "checkpoint": m["checkpoint"], "img_size": cfg["data"]["img_size"], "lr": lr_peak, "seed": seed,
                "epochs_run": state["epoch"], "iterations": state["iteration"], "train_size": n_train,
-               "final_loss": final["loss"], "teacher_entropy": final["teacher_entropy"], "ln_k": final["ln_k"],
+               "final_loss": final["loss"], "teacher_entropy": final.get("teacher_entropy"),
+               "chance_loss": final["chance_loss"],
                "val_effective_rank": final["val_effective_rank"], "train_seconds": state["train_seconds"],
                "device": str(device)}
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -13,12 +13,13 @@ import copy
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torchvision import transforms as T
 
+from repsim.backbone import Backbone
 from repsim.train.config import config_diff, deep_merge
 
 PRETRAIN_DEFAULTS: dict[str, Any] = {
@@ -54,6 +55,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
         "center_momentum": 0.9,
         "momentum": 0.99,  # teacher EMA momentum, cosine to 1 (0.996 barely moves in a few hundred steps)
     },
+    "simclr": {"out_dim": 128, "hidden_dim": 512, "batch_norm": None, "temperature": 0.2},
     "views": {
         "global_scale": [0.4, 1.0],
         "local_crops": 2,
@@ -66,11 +68,11 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     },
     "collapse": {
         "min_rank": 1.5,  # effective rank of the pooled validation features below this is a collapse
-        "max_entropy": 0.98,  # teacher entropy above this share of ln K (a uniform teacher) is a collapse
+        "max_entropy": 0.98,  # DINO teacher entropy above this share of ln K (a uniform teacher): a collapse
         "patience": 3,  # consecutive epochs the condition must hold
     },
 }
-METHODS = ("dino",)
+METHODS = ("dino", "simclr")
 
 
 class Collapsed(RuntimeError):
@@ -160,55 +162,136 @@ class MultiCrop:
         return [t(img) for t in self.globals] + [self.local(img) for _ in range(self.local_crops)]
 
 
-class DinoNet(nn.Module):
-    """Backbone pooled feature -> lightly's ``DINOProjectionHead``."""
+class ProjectedNet(nn.Module):
+    """Backbone pooled feature -> a projection head."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone: Backbone = backbone
+        self.head: nn.Module = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.forward_features(x))
 
 
-def build_dino(backbone: nn.Module, dino: Mapping[str, Any]) -> tuple[DinoNet, DinoNet]:
-    """(student, teacher): the backbone with a DINO head, and its frozen copy (updated by EMA only)."""
-    from lightly.models.modules import DINOProjectionHead
-    from lightly.models.utils import deactivate_requires_grad
-
-    batch_norm = dino["batch_norm"]
-    if batch_norm is None:
-        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
-
-    def head() -> nn.Module:
-        with warnings.catch_warnings():  # lightly builds the prototype layer with the deprecated weight_norm
-            warnings.filterwarnings("ignore", "`torch.nn.utils.weight_norm` is deprecated", FutureWarning)
-            return DINOProjectionHead(backbone.num_features, dino["hidden_dim"], dino["bottleneck_dim"],
-                                      dino["out_dim"], batch_norm=bool(batch_norm),
-                                      freeze_last_layer=dino["freeze_last_layer"])
-
-    student = DinoNet(backbone, head())
-    teacher = DinoNet(copy.deepcopy(backbone), head())  # weight_norm'd heads cannot be deep-copied: copy the state
-    teacher.load_state_dict(student.state_dict())
-    deactivate_requires_grad(teacher)
-    return student, teacher
+def _has_batch_norm(backbone: Backbone, setting: bool | None) -> bool:
+    """BatchNorm in the head: ``setting``, else when the backbone has BatchNorm (CNNs)."""
+    if setting is not None:
+        return bool(setting)
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
 
 
-def teacher_entropy(teacher_out: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean entropy (nats) of the teacher's centred, sharpened distributions over the K prototypes: ln K when the
-    teacher is uniform (DINO's collapse to a flat output, where the loss also sits at ln K)."""
-    logp = torch.log_softmax((teacher_out - center.reshape(1, -1)) / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
+class Dino(nn.Module):
+    """DINO: a student, its EMA teacher (cosine momentum to 1) and lightly's ``DINOLoss`` holding the centre; the
+    teacher's backbone is the result. Multi-crop: the teacher sees the two global views, the student all views."""
+
+    def __init__(self, backbone: Backbone, dino: Mapping[str, Any], total_steps: int) -> None:
+        from lightly.loss import DINOLoss
+        from lightly.models.modules import DINOProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().__init__()
+        self.dino, self.total_steps = dict(dino), total_steps
+        batch_norm = _has_batch_norm(backbone, dino["batch_norm"])
+
+        def head() -> nn.Module:
+            with warnings.catch_warnings():  # lightly builds the prototype layer with the deprecated weight_norm
+                warnings.filterwarnings("ignore", "`torch.nn.utils.weight_norm` is deprecated", FutureWarning)
+                return DINOProjectionHead(backbone.num_features, dino["hidden_dim"], dino["bottleneck_dim"],
+                                          dino["out_dim"], batch_norm=batch_norm,
+                                          freeze_last_layer=dino["freeze_last_layer"])
+
+        self.student = ProjectedNet(backbone, head())
+        self.teacher = ProjectedNet(copy.deepcopy(backbone), head())  # weight_norm'd heads cannot be deep-copied
+        self.teacher.load_state_dict(self.student.state_dict())
+        deactivate_requires_grad(self.teacher)
+        self.loss_fn = DINOLoss(dino["out_dim"], warmup_teacher_temp=dino["warmup_teacher_temp"],
+                                teacher_temp=dino["teacher_temp"],
+                                warmup_teacher_temp_epochs=dino["warmup_teacher_temp_epochs"],
+                                student_temp=dino["student_temp"], center_momentum=dino["center_momentum"])
+        self.chance_loss = math.log(dino["out_dim"])  # the loss (and teacher entropy) of a uniform teacher
+
+    @property
+    def result(self) -> Backbone:
+        return self.teacher.backbone
+
+    def step(self, crops: list[torch.Tensor], epoch: int, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Update the teacher, then the loss of one batch of views and what to monitor."""
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        momentum = cosine_schedule(iteration, self.total_steps, self.dino["momentum"], 1.0)
+        update_momentum(self.student, self.teacher, m=momentum)
+        temp = float(self.loss_fn.teacher_temp_schedule[epoch]) if epoch < self.dino["warmup_teacher_temp_epochs"] \
+            else self.dino["teacher_temp"]
+        with torch.no_grad():
+            t_out = self.teacher(torch.cat(crops[:2])).chunk(2)
+            logp = torch.log_softmax((torch.cat(t_out) - self.loss_fn.center.reshape(1, -1)) / temp, dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1).mean()  # ln K when the teacher is uniform
+        s_out = list(self.student(torch.cat(crops[:2])).chunk(2))
+        if len(crops) > 2:
+            s_out += list(self.student(torch.cat(crops[2:])).chunk(len(crops) - 2))
+        loss = self.loss_fn(list(t_out), s_out, epoch=epoch)
+        return loss, {"teacher_entropy": float(entropy), "momentum": momentum, "teacher_temp": temp}
+
+    def after_backward(self, epoch: int) -> None:
+        from lightly.models.modules import DINOProjectionHead
+
+        cast(DINOProjectionHead, self.student.head).cancel_last_layer_gradients(epoch)
+
+    def signal(self, record: Mapping[str, Any], max_share: float) -> str | None:
+        if record["teacher_entropy"] >= max_share * self.chance_loss:
+            return (f"teacher entropy {record['teacher_entropy']:.3f} >= {max_share:g} x ln K "
+                    f"({self.chance_loss:.3f}): a uniform teacher output, loss {record['loss']:.3f}")
+        return None
 
 
-def collapse_signal(record: Mapping[str, Any], out_dim: int, collapse: Mapping[str, Any]) -> str | None:
+class SimCLR(nn.Module):
+    """SimCLR (lightly's ``SimCLRProjectionHead`` and ``NTXentLoss``) on the two global views: a steadier
+    in-domain SSL method at small batch, reported as SimCLR, never as the paper's DINO."""
+
+    def __init__(self, backbone: Backbone, simclr: Mapping[str, Any], batch_size: int) -> None:
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+
+        super().__init__()
+        head = SimCLRProjectionHead(backbone.num_features, simclr["hidden_dim"], simclr["out_dim"],
+                                    batch_norm=_has_batch_norm(backbone, simclr["batch_norm"]))
+        self.student = ProjectedNet(backbone, head)
+        self.loss_fn = NTXentLoss(temperature=simclr["temperature"])
+        self.chance_loss = math.log(2 * batch_size - 1)  # the loss when all embeddings are equal (reference only)
+
+    @property
+    def result(self) -> Backbone:
+        return self.student.backbone
+
+    def step(self, crops: list[torch.Tensor], epoch: int, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        z0, z1 = self.student(torch.cat(crops[:2])).chunk(2)
+        return self.loss_fn(z0, z1), {}
+
+    def after_backward(self, epoch: int) -> None:
+        """Nothing to do (DINO freezes its prototypes here)."""
+
+    def signal(self, record: Mapping[str, Any], max_share: float) -> str | None:
+        """None: a loss near ln(2B-1) is no collapse signal here (spread random embeddings lie above it, Jensen);
+        equal embeddings show as a lost feature rank, which ``collapse_signal`` checks for every method."""
+        return None
+
+
+def build_method(backbone: Backbone, cfg: Mapping[str, Any], total_steps: int) -> Dino | SimCLR:
+    """The SSL method of ``cfg["method"]`` around ``backbone``."""
+    if cfg["method"] == "dino":
+        return Dino(backbone, cfg["dino"], total_steps)
+    return SimCLR(backbone, cfg["simclr"], cfg["train"]["batch_size"])
+
+
+def collapse_signal(record: Mapping[str, Any], method: Dino | SimCLR, collapse: Mapping[str, Any]) -> str | None:
     """Why the epoch ``record`` looks collapsed (or diverged), or None."""
-    ln_k = math.log(out_dim)
     if not math.isfinite(record["loss"]):
         return f"the loss is {record['loss']} (diverged)"
-    if record["teacher_entropy"] >= collapse["max_entropy"] * ln_k:
-        return (f"teacher entropy {record['teacher_entropy']:.3f} >= {collapse['max_entropy']:g} x ln K "
-                f"({ln_k:.3f}): a uniform teacher output, loss {record['loss']:.3f}")
+    signal = method.signal(record, collapse["max_entropy"])
+    if signal:
+        return signal
     rank = record["val_effective_rank"]
     if not rank >= collapse["min_rank"]:
         return f"effective rank of the validation features {rank:.2f} < {collapse['min_rank']:g}"
