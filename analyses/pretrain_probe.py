@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from repsim import models
 from repsim.data import loader
+from repsim.files import load_torch
 from repsim.knn import extract_features, knn_predict
 from repsim.metrics import compute_metrics, spectrum
 from repsim.train.runs import load_run
@@ -32,7 +33,17 @@ def backbone_of(start: str, img_size: int) -> torch.nn.Module:
     if kind in ("random", "imagenet") and name:
         torch.manual_seed(0)
         return models.create(name, pretrained=kind == "imagenet", img_size=img_size)
-    return load_run(start)
+    run = Path(start)
+    if (run / "backbone_best.pt").is_file() or not (run / "checkpoints" / "last.pt").is_file():
+        return load_run(run)
+    # a run still going (or stopped): the result backbone of its last epoch checkpoint
+    record = json.loads((run / "model.json").read_text())
+    prefix = "teacher.backbone." if record["method"] == "dino" else "student.backbone."
+    state = load_torch(run / "checkpoints" / "last.pt")["method"]
+    backbone = models.create(record["name"], img_size=record["img_size"], in_chans=record["in_chans"],
+                             **record["kwargs"])
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return backbone
 
 
 def probe(start: str, data: str, data_root: Path, img_size: int) -> dict[str, float]:
@@ -55,11 +66,11 @@ def probe(start: str, data: str, data_root: Path, img_size: int) -> dict[str, fl
     assert best is not None
     logreg = compute_metrics(task, test_y.numpy(), best[1].predict_proba(scaler.transform(test.numpy())))[metric]
     out = {"knn_auc": knn, "logreg_auc": logreg, "effective_rank": spectrum(test.numpy())["effective_rank"]}
-    summary = Path(start) / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        out.update(final_loss=s["final_loss"], chance_loss=s["chance_loss"], train_seconds=s["train_seconds"],
-                   epochs=s["epochs_run"])
+    metrics = Path(start) / "metrics.jsonl"
+    if metrics.is_file():  # the last epoch: its loss; wall time summed over epochs
+        epochs = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+        out.update(final_loss=epochs[-1]["loss"], chance_loss=epochs[-1]["chance_loss"],
+                   train_seconds=sum(e["seconds"] for e in epochs), epochs=len(epochs))
     return out
 
 

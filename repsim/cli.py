@@ -290,8 +290,7 @@ def report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-COMMANDS = (add_models, add_cka, add_heatmap, add_demo, add_study, add_train, add_report)
-COMMANDS = (*COMMANDS, add_pretrain)  # kept on its own line: other commands join the tuple above
+COMMANDS = (add_models, add_cka, add_heatmap, add_demo, add_study, add_train, add_report, add_pretrain)
 
 
 def build_parser() -> argparse.ArgumentParser:
