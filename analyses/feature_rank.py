@@ -18,17 +18,8 @@ from pathlib import Path
 import torch
 
 from repsim.data import loader
+from repsim.metrics import spectrum
 from repsim.train.runs import find_runs, load_run
-
-
-def spectrum(features: torch.Tensor) -> dict[str, float]:
-    """Effective rank, top-direction variance share and total variance of ``features`` (samples x dims)."""
-    centred = features.double() - features.double().mean(0)
-    sq = torch.linalg.svdvals(centred) ** 2
-    p = sq / sq.sum()
-    p = p[p > 0]
-    return {"effective_rank": float(torch.exp(-(p * p.log()).sum())), "top1_share": float(p[0]),
-            "total_variance": float(sq.sum() / (len(features) - 1)), "dims": features.shape[1]}
 
 
 def main() -> None:

@@ -239,6 +239,53 @@ def table(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- pretrain
+def add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "pretrain", "self-supervised pretraining (DINO) of a backbone on a dataset's train images",
+                "DINO (the paper's Appendix B) on the TRAIN split of a dataset, from scratch or from weights. The run\n"
+                "folder resumes exactly (--resume) and loads like a trainer run (repsim cka --run-a OUT). A run that\n"
+                "collapses stops with the epoch and the signal, and is never usable as a start.")
+    p.add_argument("--data", required=True, help="dataset name (breastmnist, ...), MedMNIST .npz or image folder")
+    p.add_argument("--data-root", help="folder holding the named datasets (medmnist/*.npz, ...)")
+    p.add_argument("--model", required=True, help="zoo or timm name, e.g. efficientnet_lite0")
+    p.add_argument("--method", choices=("dino", "simclr"), default="dino",
+                   help="DINO (the paper's Appendix B) or SimCLR (steadier at small batch; reported as SimCLR)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--pretrained", action="store_true", help="start from the library's pretrained weights")
+    g.add_argument("--checkpoint", help="start from local weights (default: random init)")
+    p.add_argument("--img-size", type=int, default=48, help="global crop and evaluation size")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="convert the images to this many channels")
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, help="peak LR (default: 8e-3 from scratch, 8e-4 from weights, x batch/256)")
+    p.add_argument("--out-dim", type=int, default=256, help="DINO prototypes K")
+    p.add_argument("--teacher-temp", type=float, default=0.04, help="teacher temperature")
+    p.add_argument("--momentum", type=float, default=0.99, help="teacher EMA momentum at the start (cosine to 1)")
+    p.add_argument("--local-crops", type=int, default=2, help="local views per image (img-size/2 px)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from checkpoints/last.pt")
+    p.set_defaults(func=pretrain)
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    from repsim.train.pretrain import data_block, pretrain
+
+    cfg = {"method": args.method, "data": data_block(args.data, img_size=args.img_size, channels=args.channels),
+           "model": {"name": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint},
+           "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                     "device": args.device, "num_workers": args.num_workers},
+           "dino": {"out_dim": args.out_dim, "warmup_teacher_temp": args.teacher_temp,
+                    "teacher_temp": args.teacher_temp, "momentum": args.momentum},
+           "views": {"local_crops": args.local_crops}}
+    s = pretrain(cfg, args.out, data_root=args.data_root, resume=args.resume)
+    print(f"{s['method']} {s['epochs_run']} epochs: loss {s['final_loss']:.4f} (chance {s['chance_loss']:.4f}), "
+          f"val effective rank {s['val_effective_rank']:.1f}, {s['train_seconds']:.0f} s; backbone in {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- report
 def add_report(sub: argparse._SubParsersAction) -> None:
     p = _parser(sub, "report", "self-contained HTML report of a run or study (tables, curves, heatmaps)",
@@ -259,7 +306,7 @@ def report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-COMMANDS = (add_models, add_cka, add_heatmap, add_demo, add_study, add_train, add_report)
+COMMANDS = (add_models, add_cka, add_heatmap, add_demo, add_study, add_train, add_report, add_pretrain)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:

@@ -159,3 +159,21 @@ def compute_metrics(task: str, y_true: np.ndarray, probs: np.ndarray,
         out["auc"] = auc_multiclass(y_true, probs, "ovo")
         out["auc_ovr"] = auc_multiclass(y_true, probs, "ovr")
     return out
+
+
+def spectrum(features: np.ndarray | Sequence[Sequence[float]]) -> dict[str, float]:
+    """Effective rank (Roy & Vetterli 2007: exp of the entropy of the normalised squared singular values of the
+    centred features), top-direction variance share and total variance of ``features`` (samples x dims), in float64.
+    A rank near 1 means the features span one direction: a linear head or k-NN has nothing to separate."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"features must be (samples >= 2, dims), got shape {x.shape}")
+    sq = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2 if np.isfinite(x).all() else np.full(1, math.nan)
+    total = float(sq.sum())
+    if not total > 0:  # identical samples span no direction (rank 0); non-finite features have no rank (NaN)
+        return {"effective_rank": 0.0 if total == 0 else math.nan, "top1_share": math.nan,
+                "total_variance": total, "dims": x.shape[1]}
+    p = sq / total
+    p = p[p > 0]
+    return {"effective_rank": float(np.exp(-(p * np.log(p)).sum())), "top1_share": float(p[0]),
+            "total_variance": total / (len(x) - 1), "dims": x.shape[1]}

@@ -8,6 +8,12 @@
         checkpoints/last.pt                          resume state (removed once the run has finished)
     <experiment>/results.json          LR search and mean ± std over seeds (``run_experiment``)
 
+    <pretrain run>/                    one self-supervised run (``repsim.train.pretrain.pretrain``)
+        config.yaml  model.json  split.json  metrics.jsonl  summary.json
+        backbone_init.pt  backbone_best.pt           the start and the final teacher backbone
+        checkpoints/last.pt                          resume state (removed once the run has finished)
+        collapsed.json                               instead of backbone_best.pt when the run collapsed
+
 ``load_run(run, which, part)`` rebuilds the exact model of a run from ``model.json`` and these files, so
 ``repsim cka --run-a DIR``, the study and the report all read runs the same way.
 """
@@ -28,6 +34,8 @@ from repsim.files import inside, load_state, load_torch, read_json
 # every path a run reads or writes, relative to its folder
 RUN_FILES = (".lock", "config.yaml", "model.json", "split.json", "metrics.jsonl", "summary.json", "backbone_init.pt",
              "backbone_best.pt", "checkpoints", "checkpoints/best.pt", "checkpoints/init.pt", "checkpoints/last.pt")
+
+COLLAPSED = "collapsed.json"  # written by a pretraining run that collapsed: it is never a usable start
 
 
 def run_dir(exp_dir: str | Path, lr: float, seed: int) -> Path:
@@ -78,6 +86,9 @@ def check_run(run: str | Path) -> Path:
     run = Path(run)
     if not run.exists():
         raise FileNotFoundError(f"no run folder {run}")
+    if (run / COLLAPSED).is_file():
+        reason = read_json(run / COLLAPSED).get("reason", "see its metrics.jsonl")
+        raise ValueError(f"{run} is a collapsed pretraining run ({reason}); it is not usable as a start")
     if not is_run(run):
         raise FileNotFoundError(f"{run} is not a trainer run folder (needs model.json, backbone_init.pt and "
                                 "backbone_best.pt)")
@@ -127,6 +138,8 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
     inputs = run_inputs(run)
     run = Path(run)
     record = read_json(run / "model.json")
+    if part == "classifier" and record.get("kind") == "pretrain":
+        raise ValueError(f"{run} is a self-supervised pretraining run: it has a backbone, no classifier")
     backbone = models.create(record["name"], checkpoint=run / f"backbone_{which}.pt", img_size=record["img_size"],
                              in_chans=record["in_chans"], decapitate=record.get("decapitate"), **record["kwargs"])
     for key in ("input_mean", "input_std", "normalisation_source", "run_dir", "heldout"):
@@ -154,7 +167,7 @@ def load_backbone(model: str | Path, *, which: Literal["init", "best"] = "best",
     run folder (its ``which`` weights, at the run's size), in eval mode."""
     from repsim import models
 
-    if is_run(model):
+    if is_run(model) or (Path(model) / COLLAPSED).is_file():
         if pretrained or checkpoint is not None:
             raise ValueError(f"{model} is a run folder: its weights come from the run, not pretrained/checkpoint")
         return load_run(model, which)
