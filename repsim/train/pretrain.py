@@ -106,7 +106,8 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
     record = {"name": m["name"], "kwargs": kwargs, "img_size": cfg["data"]["img_size"], "in_chans": info.channels,
               "scenario": None, "num_classes": None, "classifier": {}, "freeze_blocks": None, "decapitate": None,
               "pretrained": bool(m["pretrained"]), "checkpoint": m["checkpoint"], "kind": "pretrain",
-              "method": cfg["method"]}
+              "method": cfg["method"], "input_mean": [float(v) for v in info.mean or ()],
+              "input_std": [float(v) for v in info.std or ()]}  # what CKA must feed it too (repsim.inputs)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     write_text(run_dir / "model.json", json.dumps(record, indent=2))
