@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-SMALL_GFLOP = 0.1  # forward GFLOP per sample below which one thread is the faster choice here (bench/threads.py)
+SMALL_GFLOP = 1.0  # forward GFLOP per sample below which one thread is the faster choice here (bench/threads.py)
 
 
 def forward_gflop(model: nn.Module, sample: torch.Tensor) -> float:
@@ -24,8 +24,13 @@ def forward_gflop(model: nn.Module, sample: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(sample)
+    was_training = model.training
+    model.eval()  # one sample through BatchNorm in training mode is an error; eval counts the same FLOPs
+    try:
+        with torch.no_grad(), counter:
+            model(sample)
+    finally:
+        model.train(was_training)
     return counter.get_total_flops() / 1e9
 
 
@@ -39,13 +44,7 @@ def auto_threads(model: nn.Module, sample: torch.Tensor) -> int:
         return int(pinned)
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    was_training = model.training
-    model.eval()
-    try:
-        small = forward_gflop(model, sample) < SMALL_GFLOP
-    finally:
-        model.train(was_training)
-    return 1 if small else torch.get_num_threads()
+    return 1 if forward_gflop(model, sample) < SMALL_GFLOP else torch.get_num_threads()
 
 
 @contextmanager
