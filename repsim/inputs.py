@@ -10,9 +10,10 @@ trained with (``repsim.train.runs.load_run``). A model without these attributes 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the constants and the rule are read by checks that must not wait for torch
+    import torch
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -41,6 +42,8 @@ def per_channel(values: Sequence[float], channels: int, what: str) -> tuple[floa
 def renormaliser(source: Stats, target: Stats, channels: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The map from inputs normalised with ``source`` to the same pixels normalised with ``target``
     (``(x * std_s + mean_s - mean_t) / std_t``), or None when the two are the same normalisation."""
+    import torch
+
     mean_s, std_s = (per_channel(v, channels, "the loader's normalisation") for v in source)
     mean_t, std_t = (per_channel(v, channels, "the model's normalisation") for v in target)
     if (mean_s, std_s) == (mean_t, std_t):
