@@ -197,7 +197,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data-root", help="folder that relative data.root paths are resolved against")
         p.add_argument("--out", default="runs", help="output folder")
         p.add_argument("--dry-run", action="store_true", help="list the runs of the spec and exit")
-        p.add_argument("--resume", action="store_true", help="continue interrupted runs from checkpoints/last.pt")
+        p.add_argument("--resume", action="store_true", help="continue interrupted runs from their last checkpoint")
         for flag, key, kind in _SHORTCUTS:
             p.add_argument(flag, type=kind, help=f"same as {key}=VALUE")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=5")

@@ -30,16 +30,17 @@ from repsim.knn import knn_evaluate
 from repsim.threads import kept_threads
 from repsim.train.config import check_slug, expand, load_spec, parse_overrides
 from repsim.train.loop import train
-from repsim.train.runs import run_dir
+from repsim.train.runs import ExperimentFiles, RunFiles, run_dir
 from repsim.train.utils import build_model, check_same_config, describe_weights, distributed, pick_device
 
 
 def train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | None, resume: bool = True,
                    progress: bool = False) -> dict[str, Any]:
     """The summary of the run of ``cfg`` in ``run_dir``: read when the run has finished, else trained (resumed)."""
-    if (run_dir / "summary.json").exists():
+    files = RunFiles(run_dir)
+    if files.finished():
         check_same_config(cfg, run_dir)
-        return json.loads((run_dir / "summary.json").read_text())
+        return files.read_summary()
     with kept_threads():  # train() picks the threads for its model; the caller's count comes back
         return train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
 
@@ -89,8 +90,8 @@ def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path 
                "iterations_to_best": stats([s["iterations_to_best"] for s in summaries]),
                "inference_ms_per_image": stats([s["inference_ms_per_image"] for s in summaries])}
     if distributed()[0] == 0:
-        _warn_if_replacing(exp_dir / "results.json", results)
-        write_text(exp_dir / "results.json", json.dumps(results, indent=2))
+        _warn_if_replacing(ExperimentFiles(exp_dir).results, results)
+        write_text(ExperimentFiles(exp_dir).results, json.dumps(results, indent=2))
     return results
 
 
@@ -129,8 +130,8 @@ def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None 
               "metric": cfg["train"]["metric"] or data.info.metric, "k": kc["k"], "temperature": kc["temperature"],
               "img_size": record["img_size"], "test": {k: stats([v]) for k, v in metrics.items()}}
     exp_dir.mkdir(parents=True, exist_ok=True)
-    write_text(exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    write_text(exp_dir / "knn.json", json.dumps(result, indent=2))
+    write_text(ExperimentFiles(exp_dir).config, yaml.safe_dump(cfg, sort_keys=False))
+    write_text(ExperimentFiles(exp_dir).knn, json.dumps(result, indent=2))
     return result
 
 

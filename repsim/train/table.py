@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-RESULT_FILES = ("results.json", "knn.json")
+from repsim.train.runs import RESULT_FILES
 
 
 def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import yaml
 
 from repsim.data import Data
 from repsim.train.config import DEFAULTS, config_diff, deep_merge
+from repsim.train.runs import RunFiles
 
 if TYPE_CHECKING:
     from repsim.models.classifier import FoundationClassifier
@@ -27,7 +28,7 @@ def check_same_config(cfg: dict[str, Any], run_dir: Path) -> None:
     Keys added to the trainer after the run was written count as equal when the new config holds their default, so a
     newer repsim still reuses older runs whose behaviour it reproduces.
     """
-    path = run_dir / "config.yaml"
+    path = RunFiles(run_dir).config
     if path.exists():
         try:
             old = yaml.safe_load(path.read_text())
