@@ -14,7 +14,7 @@ import yaml
 
 from repsim.cli import main
 from repsim.study import PRESETS, Start, Study, resolved_config, settings_with
-from repsim.study.scheduler import Experiment, Pool, Scheduler
+from repsim.study.scheduler import Experiment, Scheduler, Workers
 from repsim.study.stats import paired_difference, run_flags
 from repsim.train.runs import find_runs, load_run
 
@@ -144,7 +144,7 @@ def test_report_of_a_study_embeds_its_tables_and_figures(study_dir: Path) -> Non
 def test_scheduler_refuses_unknown_and_circular_dependencies(tmp_path: Path) -> None:
     cfg = resolved_config({"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist"},
                           {"name": "test_vit", "pretrained": False}, {})
-    scheduler = Scheduler(Pool(1, 1), None)
+    scheduler = Scheduler(Workers(1, 1), None)
     with pytest.raises(ValueError, match=r"unknown experiments \['c'\]"):
         scheduler.run([Experiment("a", cfg, tmp_path / "a", after=("c",))])
     with pytest.raises(ValueError, match="wait on each other"):
