@@ -73,7 +73,9 @@ def add_cka(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", help="folder holding the named datasets (default: $REPSIM_DATA or ../shared/data)")
     p.add_argument("--split", default="test", help="split of data that has one")
     p.add_argument("--img-size", type=int, help="input size (default: a run's own, else 224)")
-    p.add_argument("--batch-size", type=int, default=64, help="CKA batch size (batches are near-equal in size)")
+    p.add_argument("--batch-size", type=int, default=64, help="smallest CKA batch: the N images are cut into "
+                   "N // BATCH_SIZE near-equal contiguous batches, each of at least BATCH_SIZE (and fewer than twice "
+                   "as many) images (repsim.batches, the rule of every CKA in repsim)")
     p.add_argument("--n-samples", type=int, help="use the first N samples (default: all)")
     p.add_argument("--estimator", default="unbiased", choices=ESTIMATORS, help="HSIC estimator")
     p.add_argument("--boot", type=int, default=0, help="bootstrap resamples for confidence intervals (0: none)")

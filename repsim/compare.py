@@ -18,7 +18,6 @@ input normalisation, processes) in ``Dataset.attrs``. Under ``torchrun`` each pr
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import ExitStack, closing
@@ -30,6 +29,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from repsim.batches import near_equal_batches
 from repsim.capture import capture, open_activations, prepare_input, resolve_layers, split_batch
 from repsim.gram import check_estimator, feature_gram
 from repsim.inputs import model_normalisation, renormaliser
@@ -296,7 +296,8 @@ def cka_matrix(ds_a: xr.Dataset | str | os.PathLike[str], ds_b: xr.Dataset | str
                bootstrap: Bootstrap | int | None = None, progress: bool = True) -> xr.Dataset:
     """Minibatch CKA over activations stored by ``extract`` (Datasets in memory or zarr paths), read batch by batch.
 
-    Samples are split into ``ceil(N / batch_size)`` contiguous batches of near-equal size (so no tiny last batch).
+    Samples are split as ``repsim.data.loader`` splits them (``repsim.batches.near_equal_batches``: ``N //
+    batch_size`` contiguous near-equal batches of at least ``batch_size`` samples, so no tiny last batch).
     ``ds_b`` None compares ``ds_a``'s variables with each other. The two must hold the same samples in the same
     order: different sample counts or ``sample`` coordinates raise ``ValueError``.
     """
@@ -324,8 +325,8 @@ def cka_matrix(ds_a: xr.Dataset | str | os.PathLike[str], ds_b: xr.Dataset | str
     label_a, label_b = _labels(labels, default)
     engine = MinibatchCKA(estimator=estimator, label_a=label_a, label_b=None if b is None else label_b,
                           keep_batches=boot is not None)
-    bounds = np.linspace(0, n, math.ceil(n / batch_size) + 1).round().astype(int)
-    for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="cka", unit="batch", disable=not progress):
+    for batch in tqdm(near_equal_batches(n, batch_size), desc="cka", unit="batch", disable=not progress):
+        lo, hi = batch[0], batch[-1] + 1
         rows = slice(lo, hi)
         ga = {str(v): feature_gram(a[v].isel(sample=rows).values, name=f"a:{v}", estimator=estimator) for v in vars_a}
         gb = None if b is None else {str(v): feature_gram(b[v].isel(sample=rows).values, name=f"b:{v}",

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "repsim"
 # Lower layers first; a module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    {"types", "progress", "files", "shard", "inputs", "threads", "lazy", "matrices"},
+    {"types", "progress", "files", "shard", "inputs", "threads", "lazy", "matrices", "batches"},
     {"gram", "minibatch", "cka", "store", "backbone", "layer_names"},
     {"capture", "compare", "plot", "surgery"},
     {"data", "models", "metrics", "specs"},
