@@ -14,10 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from repsim.models import Backbone, create
-from repsim.progress import tqdm
 from repsim.study.results import Comparison, Place
 from repsim.study.settings import DATASETS, SYNTHETIC, Settings, Start
 from repsim.train.runs import RunFiles, run_dir
@@ -26,22 +23,11 @@ from repsim.train.runs import RunFiles, run_dir
 def materialise_synthetic(name: str, root: Path, img_size: int, n: int) -> Path:
     """Write ``n`` images of the built-in synthetic task ``name`` as an image folder
     ``root/<name>-<n>px<img_size>/<class>/<i>.png`` (once), for the trainer's ``image_folder`` reader."""
-    from PIL import Image
+    from repsim.data.synthetic import write_image_folder
 
-    from repsim.data.synthetic import SyntheticPatterns
-
-    folder = root / f"{name}-{n}px{img_size}"
-    if (folder / ".complete").exists():
-        return folder
     spec = SYNTHETIC[name]
-    data = SyntheticPatterns(n, img_size=img_size, num_classes=spec["num_classes"], seed=spec["seed"])
-    for i in tqdm(range(len(data)), desc=f"writing {name}", leave=False):
-        x, y = data[i]
-        pixels = ((x.numpy() * 0.25 + 0.5).clip(0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
-        (folder / data.classes[y]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(folder / data.classes[y] / f"{i:05d}.png")
-    (folder / ".complete").write_text("")
-    return folder
+    return write_image_folder(root / f"{name}-{n}px{img_size}", n, img_size=img_size, num_classes=spec["num_classes"],
+                              seed=spec["seed"])
 
 
 class Workspace:
