@@ -27,7 +27,7 @@ from repsim.layer_names import resolve_layers
 from repsim.progress import tqdm
 from repsim.shard import shard_batches, world
 from repsim.store import open_activations
-from repsim.types import POOLS, Pool
+from repsim.types import POOLS, Pooling
 
 Layout = Literal["auto", "NCHW", "NHWC"]
 
@@ -53,7 +53,7 @@ def output_tensor(output: Any, name: str) -> torch.Tensor:
 
 
 def pool_tensor(
-    t: torch.Tensor, pool: Pool, *, name: str = "layer", num_prefix_tokens: int = 0, layout: Layout = "auto"
+    t: torch.Tensor, pool: Pooling, *, name: str = "layer", num_prefix_tokens: int = 0, layout: Layout = "auto"
 ) -> torch.Tensor:
     """Pool one layer output ``t`` (B, ...) per the module-level policy; ``name`` is used in error messages."""
     if pool not in POOLS:
@@ -159,7 +159,7 @@ class Activations(Mapping[str, Any]):
 def capture(
     model: nn.Module,
     layers: str | Sequence[str],
-    pool: Pool = "flatten",
+    pool: Pooling = "flatten",
     *,
     num_prefix_tokens: int | None = None,
     layout: Layout = "auto",
@@ -247,7 +247,7 @@ def extract(
     loader: Iterable[Any],
     *,
     layers: str | Sequence[str],
-    pool: Pool = "flatten",
+    pool: Pooling = "flatten",
     store: str | os.PathLike[str] | None = None,
     num_prefix_tokens: int | None = None,
     progress: bool = True,
@@ -310,7 +310,7 @@ def _result(parts: list[xr.Dataset], path: Path | None) -> xr.Dataset:
     return open_activations(path) if path is not None else xr.concat(parts, dim="sample", combine_attrs="override")
 
 
-def _extract_sharded(model: nn.Module, loader: Iterable[Any], names: list[str], pool: Pool, prefix: int,
+def _extract_sharded(model: nn.Module, loader: Iterable[Any], names: list[str], pool: Pooling, prefix: int,
                      attrs: Mapping[str, Any], path: Path | None, fp: Mapping[str, Any], progress: bool, rank: int,
                      world_size: int) -> xr.Dataset:
     """``extract`` under torchrun: batch ``i`` runs on rank ``i % world``; in each round the ranks' batches go to

@@ -87,9 +87,9 @@ def add_cka(sub: argparse._SubParsersAction) -> None:
 
 
 def cka(args: argparse.Namespace) -> int:
-    from repsim.workflows import compare_models
+    from repsim.workflows import write_cka
 
-    nc, png = compare_models(
+    nc, png = write_cka(
         args.model_a or Path(args.run_a), args.model_b or (args.run_b and Path(args.run_b)), args.data,
         Path(args.out), which=(args.which_a,
         args.which_b), checkpoints=(args.checkpoint_a, args.checkpoint_b), pretrained=args.pretrained,

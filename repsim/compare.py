@@ -37,7 +37,7 @@ from repsim.minibatch import MinibatchCKA
 from repsim.progress import tqdm
 from repsim.shard import shard_batches
 from repsim.shard import world as process_world
-from repsim.types import Estimator, Pool
+from repsim.types import Estimator, Pooling
 
 Layers = str | Sequence[str]
 Normalise = Literal["model", "loader"]
@@ -113,7 +113,7 @@ def _input_maps(models: Mapping[str, nn.Module], labels: Mapping[str, str], load
 
 
 def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str]], loader: Iterable[Any], *,
-                  pool: Mapping[str, Pool], estimator: Estimator, progress: bool, desc: str, rank: int,
+                  pool: Mapping[str, Pooling], estimator: Estimator, progress: bool, desc: str, rank: int,
                   world_size: int, inputs: Mapping[str, InputMap]
                   ) -> Generator[tuple[int, int, dict[str, Mapping[str, torch.Tensor]]], None, None]:
     """Yield ``(batch index, n, {tag: {layer: feature_gram}})`` for this process's batches, each model run once on
@@ -170,7 +170,7 @@ def _labels(labels: Sequence[str] | None, default: tuple[str, str]) -> tuple[str
 
 
 def compare(model_a: nn.Module, model_b: nn.Module | None, loader: Iterable[Any], *, layers_a: Layers | None = None,
-            layers_b: Layers | None = None, labels: Sequence[str] | None = None, pool: Pool = "flatten",
+            layers_b: Layers | None = None, labels: Sequence[str] | None = None, pool: Pooling = "flatten",
             device: str | torch.device | None = None, estimator: Estimator = "unbiased",
             bootstrap: Bootstrap | int | None = None, normalise: Normalise = "model", progress: bool = True
             ) -> xr.Dataset:
@@ -236,7 +236,7 @@ def _base(key: str) -> str:
 
 
 def compare_many(models: Mapping[str, nn.Module], loader: Iterable[Any], *,
-                 layers: Layers | Mapping[str, Layers] | None = None, pool: Pool | Mapping[str, Pool] = "flatten",
+                 layers: Layers | Mapping[str, Layers] | None = None, pool: Pooling | Mapping[str, Pooling] = "flatten",
                  device: str | torch.device | None = None, estimator: Estimator = "unbiased",
                  bootstrap: Bootstrap | int | None = None, normalise: Normalise = "model", progress: bool = True
                  ) -> xr.Dataset:

@@ -187,7 +187,7 @@ def test_settings_overrides_and_inconsistent_settings_are_named() -> None:
         settings_with(PRESETS["tiny"], ["starts=[]"])
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         replace(PRESETS["tiny"], targets=("nope",)).check()
-    with pytest.raises(ValueError, match="must be a slug"):
+    with pytest.raises(ValueError, match="start name '../x' cannot name an output folder"):
         replace(PRESETS["tiny"], starts=(Start("../x", "scratch"),)).check()
     with pytest.raises(ValueError, match="freezing curve of start 'in-domain'.*unfrozen-linear"):
         replace(PRESETS["tiny"], scenarios=("frozen-linear", "frozen-stacked"), decapitate=[]).check()

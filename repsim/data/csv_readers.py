@@ -1,11 +1,11 @@
 """Readers of the paper's csv-described datasets (APTOS 2019, ISIC 2019, CheXpert, CBIS-DDSM, NIH ChestX-ray14,
-any csv of image names and labels) and the ``READERS`` registry that :func:`load_source` dispatches on by name."""
+any csv of image names and labels); the array and folder readers are in :mod:`repsim.data.datasets`, the registry of
+all readers by name in :mod:`repsim.data.registry`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,8 +17,6 @@ from repsim.data.datasets import (
     _fractions,
     _require_file,
     _single_label_task,
-    image_folder,
-    medmnist,
 )
 from repsim.inputs import IMAGENET_MEAN, IMAGENET_STD
 
@@ -196,21 +194,5 @@ def nih_cxr14(root: Path, csv: str = "Data_Entry_2017.csv", image_dir: str = "im
                       name="nih_cxr14", metric="auc")
 
 
-READERS: dict[str, Callable[..., Source]] = {
-    "medmnist": medmnist, "aptos2019": aptos2019, "isic2019": isic2019, "chexpert": chexpert,
-    "cbis_ddsm": cbis_ddsm, "nih_cxr14": nih_cxr14, "csv": csv_images, "image_folder": image_folder,
-}
-
-
-def load_source(dataset: str, root: str | Path, **kwargs: Any) -> Source:
-    """Read dataset ``dataset`` (a key of ``READERS``) from ``root`` with reader-specific ``kwargs``."""
-    if dataset not in READERS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(READERS)}")
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"data folder for {dataset!r} not found: {root}")
-    return READERS[dataset](root, **kwargs)
-
-
-__all__ = ["READERS", "load_source", "csv_images", "aptos2019", "isic2019", "chexpert", "cbis_ddsm", "nih_cxr14",
-           "CHEXPERT_LABELS", "ISIC2019_LABELS", "NIH_CXR14_LABELS"]
+__all__ = ["csv_images", "aptos2019", "isic2019", "chexpert", "cbis_ddsm", "nih_cxr14", "CHEXPERT_LABELS",
+           "ISIC2019_LABELS", "NIH_CXR14_LABELS"]

@@ -42,7 +42,7 @@ def _source(data: str, root: str | Path | None, split: str) -> tuple[Source, lis
     """The samples of ``data`` and the indices of ``split`` (all samples where the data has no split)."""
     from repsim.data.datasets import image_folder, medmnist_file
     from repsim.data.named import NAMED
-    from repsim.data.readers import load_source
+    from repsim.data.registry import load_source
 
     path = Path(data).expanduser()
     if data in NAMED:

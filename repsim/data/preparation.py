@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from repsim.data.datasets import DatasetInfo, ImageDataset, Source, with_channels
-from repsim.data.readers import READERS, load_source
+from repsim.data.registry import READERS, load_source
 from repsim.data.splits import SPLITS, split_indices
 from repsim.data.transforms import build_transform, default_resize
 from repsim.files import write_text

@@ -183,7 +183,7 @@ def create(
         else:
             backbone = build()
     if decapitate is not None:
-        backbone.truncate(decapitate)
+        backbone.keep_blocks(decapitate)
     if checkpoint is not None:
         backbone.load_checkpoint(checkpoint)
     return backbone

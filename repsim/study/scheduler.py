@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from repsim.lazy import lazy_exports
 from repsim.progress import tqdm
 from repsim.train.runner import choose_lr
 
@@ -56,6 +57,8 @@ class Experiment:
             return 1
         seeds = int(self.cfg["train"]["seeds"])
         return seeds if self.lr_from or len(self.grid) == 1 else len(self.grid) + seeds - 1
+
+__getattr__, __dir__, _ = lazy_exports(__name__, {}, deprecated={"Pool": "repsim.study.scheduler:Workers"})
 
 
 def _init_worker(threads: int) -> None:

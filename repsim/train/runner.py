@@ -138,7 +138,7 @@ def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None 
 def check_inputs(cfg: dict[str, Any], data_root: str | Path | None) -> None:
     """One-line errors, before anything is built or read, for what a resolved config names: its data (dataset,
     keys, root), its model name and its checkpoint file."""
-    from repsim.data.spec import check_data_block
+    from repsim.data.preparation import check_data_block
     from repsim.models import check_name
 
     try:
