@@ -242,6 +242,7 @@ def _batch_dataset(acts: Mapping[str, torch.Tensor], labels: Any, start: int, n:
     return xr.Dataset(data, coords=coords)
 
 
+@zarr_store.one_writer
 def extract(
     model: nn.Module,
     loader: Iterable[Any],
@@ -270,7 +271,7 @@ def extract(
     done = 0
     if path is not None:
         fp = zarr_store.fingerprint(model, loader, layers=names, pool=pool, prefix_tokens=prefix)
-        done = zarr_store.resume(path, fp) if path.exists() else 0
+        done = zarr_store.start(path, fp)
     rank, world_size = world()
     if world_size > 1:
         return _extract_sharded(model, loader, names, pool, prefix, attrs, path, fp, progress, rank, world_size)
@@ -322,7 +323,7 @@ def _extract_sharded(model: nn.Module, loader: Iterable[Any], names: list[str], 
         raise ValueError("extract under torchrun needs a torch DataLoader (without shuffle) to split into batches")
     sizes = [len(b) for b in loader.batch_sampler]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    box = [zarr_store.resume(path, fp) if rank == 0 and path is not None and path.exists() else 0]
+    box = [zarr_store.start(path, fp) if rank == 0 and path is not None else 0]
     dist.broadcast_object_list(box, src=0)
     done = int(box[0])
     parts: list[xr.Dataset] = []

@@ -65,6 +65,7 @@ class MinibatchCKA:
         self.diag_b = torch.zeros(lb, dtype=torch.float64)
         self.counts = torch.zeros(2, dtype=torch.int64)  # samples, batches
         self.batches: list[torch.Tensor] = []  # per batch: [index, cross.ravel(), diag_a, diag_b] in float64
+        self.reduced = False  # all_reduce has combined the ranks' states: a second one would count them twice
 
     @property
     def n_samples(self) -> int:
@@ -98,6 +99,7 @@ class MinibatchCKA:
                 raise ValueError(f"state has {key}={state.get(key)!r}, this MinibatchCKA has {self._meta()[key]!r}")
         if self.keep_batches and not state["keep_batches"] and int(state["counts"][1]) > 0:
             raise ValueError("state was accumulated without keep_batches; it cannot feed a bootstrap")
+        _check_shapes(state)
         self.layers_a, self.layers_b = state["layers_a"], state["layers_b"]
         for name, reduction in STATE.items():
             value = state[name]
@@ -111,6 +113,9 @@ class MinibatchCKA:
         hang). A rank that saw no batch takes the others' layers."""
         import torch.distributed as dist
 
+        if self.reduced:  # every rank raises here, before any collective, so none hangs
+            raise RuntimeError("all_reduce: this MinibatchCKA already holds the combined state of all ranks; a second "
+                               "all_reduce would count every batch again (reset() to start over)")
         metas: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(metas, self._meta(), group=group)
         seen = [m for m in metas if m["layers_a"] is not None]
@@ -135,6 +140,7 @@ class MinibatchCKA:
                 gathered: list[Any] = [None] * len(metas)
                 dist.all_gather_object(gathered, value, group=group)
                 setattr(self, name, sorted((t for part in gathered for t in part), key=lambda t: float(t[0])))
+        self.reduced = True
 
     # -- updates ----------------------------------------------------------------------------------------------------
     def update(self, acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None = None, *,
@@ -214,7 +220,7 @@ class MinibatchCKA:
         names_a, names_b = self._names()
         if not self.keep_batches or len(self.batches) != self.n_batches:
             raise RuntimeError("bootstrap needs MinibatchCKA(keep_batches=True) from the first batch on")
-        if not isinstance(n_boot, int) or n_boot < 1:
+        if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
             raise ValueError(f"n_boot must be a positive number of resamples, got {n_boot!r}")
         if not 0 < ci < 1:
             raise ValueError(f"ci must be in (0, 1), got {ci!r}")
@@ -237,6 +243,20 @@ class MinibatchCKA:
         ds = xr.Dataset({"cka": point, "lower": point.copy(data=lower), "upper": point.copy(data=upper)})
         ds.attrs.update(point.attrs, ci=ci, n_boot=n_boot, bootstrap="percentile, batches resampled with replacement")
         return ds
+
+
+def _check_shapes(state: Mapping[str, Any]) -> None:
+    """Refuse a state whose layer names do not fit its tensors (one line naming both)."""
+    la = len(state["layers_a"] or [])
+    lb = la if state["layers_b"] is None else len(state["layers_b"])
+    want = {"cross": (la, lb), "diag_a": (la,), "diag_b": (lb,), "counts": (2,)}
+    for name, shape in want.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"state's {name} has shape {tuple(state[name].shape)}, but its {la} layers_a and {lb} "
+                             f"layers_b need {shape}")
+    bad = [tuple(t.shape) for t in state["batches"] if tuple(t.shape) != (1 + la * lb + la + lb,)]
+    if bad:
+        raise ValueError(f"state's batch records have shapes {bad[:3]}, but its layers need ({1 + la * lb + la + lb},)")
 
 
 def _rows(name: str, value: Any) -> int:

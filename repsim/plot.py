@@ -141,6 +141,9 @@ def _cells(da: xr.DataArray, width: xr.DataArray | None, annotate: str) -> np.nd
     return np.vectorize(lambda v, w: f"{v:.2f}\n±{w / 2:.2f}")(values, np.asarray(width.values, dtype=float))
 
 
+MAX_INCHES = 40.0  # the largest side of a heatmap's figure: its memory would otherwise grow with layers²
+
+
 def heatmap(
     m: Matrix,
     *,
@@ -165,8 +168,8 @@ def heatmap(
     ``"none"`` nothing, ``"auto"`` CKA up to 12x12 cells. Draws into ``ax`` when given; returns the Figure (rendered
     inline by Jupyter), never shown by pyplot.
     """
-    if vmin >= vmax:
-        raise ValueError(f"vmin ({vmin}) must be below vmax ({vmax})")
+    if not vmin < vmax:
+        raise ValueError(f"vmin ({vmin}) must be below vmax ({vmax}): they bound the colour scale")
     if layer_names not in ("names", "indices"):
         raise ValueError(f"layer_names must be 'names' or 'indices', got {layer_names!r}")
     if labels is not None and (isinstance(labels, str) or len(labels) != 2):
@@ -182,6 +185,7 @@ def heatmap(
     if ax is None:  # cells big enough for 8 pt text: 0.5 in (CKA) or 0.75 in (CKA ± CI) at paper print size
         cell = (0.75 if annotate == "ci" else 0.5) if annotate != "none" else 0.3
         size = (2.2 + cell * max(6, da.sizes["layer_b"]), 1.9 + cell * 0.9 * max(6, da.sizes["layer_a"]))
+        size = (min(size[0], MAX_INCHES), min(size[1], MAX_INCHES))  # many layers: smaller cells, bounded memory
         ax = ReprFigure(figsize=size, layout="constrained").add_subplot()
     sns.heatmap(
         np.asarray(da.values, dtype=float), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=cbar,

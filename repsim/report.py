@@ -24,12 +24,18 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from repsim.files import write_text
+from repsim.files import read_json, write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;font-size:.9em}
 th{background:#f2f2f2}img{max-width:100%;margin:.5em 0}pre{background:#f7f7f7;padding:.6em;overflow-x:auto}
 .note{color:#a33}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}"""
+
+
+def _own(root: Path, path: Path) -> bool:
+    """Whether ``path`` is a regular file of the run itself: not a symbolic link and resolving inside ``root``, so a
+    file linked into a run folder (``figure.png -> ~/secret``) is never read into the page."""
+    return path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(root.resolve())
 
 
 def _png(fig: Figure) -> str:
@@ -72,13 +78,13 @@ def markdown_to_html(text: str) -> str:
 def _tables(root: Path) -> str:
     from repsim.train.table import RESULT_FILES, collect, markdown_table
 
-    if (root / "tables.md").exists():
+    if _own(root, root / "tables.md"):
         return markdown_to_html((root / "tables.md").read_text())
     if any(next(root.rglob(n), None) for n in RESULT_FILES):
         return ("<h2>Results (test split, mean ± std over seeds)</h2>"
                 + markdown_to_html(markdown_table(collect([root]))))
-    if (root / "summary.json").exists():
-        s = json.loads((root / "summary.json").read_text())
+    if _own(root, root / "summary.json"):
+        s = read_json(root / "summary.json")
         rows = [("dataset", s["dataset"]), ("model", s["model"]), ("scenario", s["scenario"]), ("lr", s["lr"]),
                 ("seed", s["seed"]), ("best epoch", s["best_epoch"]), ("iterations to best", s["iterations_to_best"]),
                 ("inference ms/image", f"{s['inference_ms_per_image']:.3f}"),
@@ -91,16 +97,24 @@ def _tables(root: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            if line.strip():
+                rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not valid JSON ({err}; a line cut short by a crash?); "
+                             "resume the run (--resume) to rewrite it, or remove the line") from None
+    return rows
 
 
 def _selection_metric(run: Path) -> str | None:
     """The metric a run selects its checkpoint on (from its summary, else its config when set there)."""
     import yaml
 
-    if (run / "summary.json").exists():
-        return json.loads((run / "summary.json").read_text())["metric"]
-    if (run / "config.yaml").exists():
+    if _own(run, run / "summary.json"):
+        return read_json(run / "summary.json")["metric"]
+    if _own(run, run / "config.yaml"):
         return (yaml.safe_load((run / "config.yaml").read_text()).get("train") or {}).get("metric")
     return None
 
@@ -129,7 +143,7 @@ def curves_figure(runs: Iterable[Path], title: str) -> Figure:
 
 def _curves(root: Path) -> str:
     groups: dict[Path, list[Path]] = {}
-    for path in sorted(root.rglob("metrics.jsonl")):
+    for path in sorted(p for p in root.rglob("metrics.jsonl") if _own(root, p)):
         run = path.parent
         in_exp = run != root and run.parent != root and run.name.startswith("seed") and run.parent.name.startswith("lr")
         exp = run.parent.parent if in_exp else run
@@ -144,7 +158,7 @@ def _curves(root: Path) -> str:
 
 
 def _figures(root: Path) -> str:
-    pngs = sorted(root.glob("*.png"))
+    pngs = sorted(p for p in root.glob("*.png") if _own(root, p))
     if not pngs:
         return ""
     return "<h2>Figures</h2>" + "\n".join(f"<h3>{html.escape(p.name)}</h3>{_img(p.read_bytes(), p.name)}" for p in pngs)
@@ -173,13 +187,15 @@ def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
 
 
 def _run_cka(root: Path, data_root: str | Path | None, n_samples: int) -> str:
-    if not all((root / f).exists() for f in ("backbone_init.pt", "backbone_best.pt", "model.json", "config.yaml")):
+    if not all(_own(root, root / f) for f in ("backbone_init.pt", "backbone_best.pt", "model.json", "config.yaml")):
         return ""
     try:
         fig = run_cka(root, data_root, n_samples)
     except FileNotFoundError as err:
         return ('<h2>CKA before vs after</h2><p class="note">Not computed: '
                 f'{html.escape(str(err))} (pass --data-root).</p>')
+    except (ValueError, RuntimeError) as err:  # e.g. a test split too small for the estimator: skip this section
+        return f'<h2>CKA before vs after</h2><p class="note">Not computed: {html.escape(str(err))}</p>'
     return "<h2>CKA before vs after fine-tuning</h2>" + _png(fig)
 
 
@@ -190,12 +206,16 @@ def build_report(run_dir: str | Path, *, data_root: str | Path | None = None, ck
         raise FileNotFoundError(f"no such run folder: {root}")
     head = [f"<h1>repsim report: {html.escape(root.resolve().name)}</h1>",
             f"<p><code>{html.escape(str(root.resolve()))}</code></p>"]
-    if (root / "study.json").exists():
-        study = json.loads((root / "study.json").read_text())
+    if _own(root, root / "study.json"):
+        study = read_json(root / "study.json")
         head.append(f"<p>Transfer study of <b>{html.escape(study['label'])}</b>; stage seconds: "
                     f"{html.escape(json.dumps(study['timings_s']))}</p>")
         settings = html.escape(json.dumps(study["settings"], indent=2))
         head.append(f"<details><summary>settings</summary><pre>{settings}</pre></details>")
+    links = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_symlink())
+    if links:
+        head.append(f'<p class="note">Not read (symbolic links; a report embeds only the run\'s own regular files): '
+                    f'{html.escape(", ".join(links))}</p>')
     body = [_tables(root), _figures(root), _run_cka(root, data_root, cka_samples), _curves(root)]
     return ("<!doctype html><html><head><meta charset='utf-8'><title>repsim report</title><style>" + STYLE +
             "</style></head><body>" + "\n".join(head + [b for b in body if b]) + "</body></html>")

@@ -146,6 +146,7 @@ def test_resume_from_bad_last_checkpoint(data_root, tmp_path) -> None:
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.pt"
     plant(last, tmp_path / "pwned", {"model": {}, "state": {"epoch": 0}})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))  # a run without it is refused before last.pt is read
     with pytest.raises(ValueError) as err:
         train(cfg, run, data_root=data_root, resume=True, progress=False)
     one_line_error(err, last, "refuses")
@@ -441,7 +442,7 @@ def test_kill_at_any_write_then_resume_equals_uninterrupted(tmp_path, monkeypatc
 def test_resume_with_other_batches_and_a_stale_temporary(tmp_path, monkeypatch) -> None:
     want = extract(Tiny(0), loader(), layers=LAYERS, progress=False)
     path = tmp_path / "acts.zarr"
-    stale = path.with_name(path.name + ".tmp")  # what a kill while the first batch was written leaves
+    stale = path.with_name(f".{path.name}.k1ll3d.tmp")  # what a kill while the first batch was written leaves
     stale.mkdir()
     (stale / "zarr.json").write_text('{"half written')
     for batch_size, kill_after, done in ((8, 6, 16), (5, 7, 20)):

@@ -24,6 +24,11 @@ from torch.utils.data import Dataset
 from repsim.inputs import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Pillow modes of 16-bit and float grayscale images -> the divisor that scales them to [0, 1] (float as stored)
+HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+PIXEL_SCALING = ("8-bit pixels / 255 (torchvision ToTensor); 16-bit grayscale (Pillow modes I;16*, and I, as which "
+                 "Pillow may read 16-bit PNGs) / 65535 as float, never through 8 bits, so a 12-bit image spans "
+                 "[0, 0.0625]; float (mode F) as stored; a gray image given to a 3-channel model is repeated")
 
 
 # MedMNIST v2 flags: class count, task and the metric the paper would select on for that kind of task.
@@ -94,14 +99,21 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def load(self, i: int) -> Image.Image:
-        """The PIL image of position ``i`` (not transformed)."""
+    def load(self, i: int) -> Image.Image | torch.Tensor:
+        """The image of position ``i`` (not transformed): a PIL image of 8-bit pixels, or for a 16-bit or float image
+        a float (channels, H, W) tensor scaled as ``PIXEL_SCALING`` says (Pillow's ``convert`` would clip it to
+        8 bits)."""
         j = self.indices[i]
         img = self.source.images[j]
         if isinstance(img, np.ndarray):
             return Image.fromarray(img).convert(self.mode)
-        with Image.open(img) as fh:
-            return fh.convert(self.mode)
+        try:
+            with Image.open(img) as fh:
+                if fh.mode in HIGH_DEPTH:
+                    return _high_depth(fh, Path(img), 1 if self.mode == "L" else 3)
+                return fh.convert(self.mode)
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow's errors for a bad file
+            raise ValueError(f"{img} cannot be read as an image ({_first_line(err)}); replace or remove it") from None
 
     def target(self, i: int) -> torch.Tensor:
         t = self.source.targets[self.indices[i]]
@@ -122,6 +134,16 @@ class ImageDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def _high_depth(img: Image.Image, path: Path, channels: int) -> torch.Tensor:
+    """A 16-bit or float grayscale image as a float (channels, H, W) tensor, scaled by its bit depth."""
+    pixels = np.asarray(img, dtype=np.float64)
+    if img.mode == "I" and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ValueError(f"{path}: 32-bit integer pixels outside 0..65535 (min {pixels.min():g}, max "
+                         f"{pixels.max():g}); store the image as 8- or 16-bit, or as float in [0, 1]")
+    x = torch.from_numpy((pixels / HIGH_DEPTH[img.mode]).astype(np.float32))
+    return x.expand(channels, *x.shape).clone()
+
+
 def _require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -261,6 +283,10 @@ def image_folder(root: Path, *, channels: int = 3, name: str | None = None, metr
              if p.suffix.lower() in IMAGE_EXTS]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in class folders under {root}")
+    empty = sorted(set(classes) - {classes[c] for _, c in files})
+    if empty:
+        raise ValueError(f"{root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_EXTS)}); remove them or "
+                         "add their images")
     task = _single_label_task(len(classes))[0]
     mean = tuple(mean) if mean is not None else (IMAGENET_MEAN if channels == 3 else (0.5,))
     std = tuple(std) if std is not None else (IMAGENET_STD if channels == 3 else (0.25,))

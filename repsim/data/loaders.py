@@ -110,6 +110,8 @@ def loader(data: str, *, split: str = "test", img_size: int | None = None, root:
     """
     from repsim.data.synthetic import SyntheticPatterns
 
+    if n_samples is not None and (not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1):
+        raise ValueError(f"n_samples must be a positive number of samples (or None for all), got {n_samples!r}")
     likes = [] if like is None else list(like) if isinstance(like, (list, tuple)) else [like]
     first = likes[0] if likes else None
     img_size = int(img_size or getattr(first, "img_size", 0) or 224)

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+from PIL import Image
 from torchvision import transforms as T
+
+
+class ToTensor(T.ToTensor):
+    """torchvision's ``ToTensor`` (a PIL image of 8-bit pixels -> float in [0, 1]) that passes through a float
+    tensor: 16-bit and float images are read as such tensors, already scaled
+    (``repsim.data.datasets.PIXEL_SCALING``)."""
+
+    def __call__(self, pic: Image.Image | torch.Tensor) -> torch.Tensor:
+        return pic if isinstance(pic, torch.Tensor) else super().__call__(pic)
 
 
 def default_resize(img_size: int) -> int:
@@ -31,5 +42,5 @@ def build_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
         steps += [T.RandomResizedCrop(img_size, scale=crop_scale),
                   T.RandomVerticalFlip(), T.RandomHorizontalFlip(),
                   T.RandomApply([T.ColorJitter(0.2, 0.2, 0.1, 0.1)], p=0.8)]
-    steps += [T.ToTensor(), T.Normalize(list(mean), list(std))]
+    steps += [ToTensor(), T.Normalize(list(mean), list(std))]
     return T.Compose(steps)

@@ -33,6 +33,8 @@ class Study:
     def __init__(self, settings: Settings, out: str | Path, *, data_root: str | Path | None = None,
                  jobs: int = 1, threads: int | None = None, device: str = "auto") -> None:
         settings.check()
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1 (parallel training processes), got {jobs}")
         self.ws = Workspace(settings, out, data_root=data_root, device=device)
         self.settings, self.out, self.data_root, self.depth = settings, self.ws.out, self.ws.data_root, self.ws.depth
         self.jobs = jobs

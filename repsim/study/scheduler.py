@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -82,15 +84,26 @@ def _knn_run(cfg: dict[str, Any], folder: str, data_root: str | None) -> dict[st
     return json.loads(done.read_text()) if done.exists() else run_knn(cfg, Path(folder), data_root=data_root)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM handler of a process with workers: stop as SIGINT does, so ``Workers.close`` ends the workers."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 class Workers:
     """``jobs`` worker processes of ``threads`` torch threads each, or this process when ``jobs == 1``. Tiny models
-    gain little from intra-op threads and lose badly to them on a busy machine, so processes beat threads."""
+    gain little from intra-op threads and lose badly to them on a busy machine, so processes beat threads.
+
+    While workers exist, SIGTERM interrupts this process like SIGINT; ``close`` then terminates the workers and
+    waits for them (an interrupted run resumes from its last checkpoint), so none is orphaned."""
 
     def __init__(self, jobs: int, threads: int) -> None:
         if jobs < 1 or threads < 1:
             raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
         self.executor = None if jobs == 1 else ProcessPoolExecutor(
             jobs, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+        self.previous: Any = None
+        if self.executor is not None and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _interrupt)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Start ``fn(*args)`` in a worker (with one job: run it now) and return its future."""
@@ -104,9 +117,18 @@ class Workers:
         return future
 
     def close(self) -> None:
+        """Cancel queued runs, terminate running workers (SIGTERM) and wait for them; restore SIGTERM's handler."""
         if self.executor is not None:
-            self.executor.shutdown(cancel_futures=True)
+            workers = list(getattr(self.executor, "_processes", {}).values())
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            for proc in workers:
+                proc.terminate()
+            for proc in workers:
+                proc.join()
             self.executor = None
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 class Scheduler:

@@ -9,6 +9,7 @@ stopped. The run directory layout is the trainer contract (see ``repsim.train``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,11 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from repsim.data import prepare
-from repsim.files import load_torch, save_torch, write_text
+from repsim.files import load_state, load_torch, lock, save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 from repsim.models.classifier import FoundationClassifier
 from repsim.progress import tqdm
 from repsim.threads import auto_threads
+from repsim.train.runs import check_run_paths
 from repsim.train.utils import (
     build_model,
     check_same_config,
@@ -116,8 +118,16 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_
 # ------------------------------------------------------------------------------------------------ the run
 def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | None = None, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Train one resolved config into ``run_dir`` and return its summary (also written to ``summary.json``)."""
+    """Train one resolved config into ``run_dir`` and return its summary (also written to ``summary.json``). The
+    main process holds ``run_dir/.lock`` throughout: a second writer of the same run fails at once."""
     run_dir = Path(run_dir)
+    check_run_paths(run_dir)
+    with lock(run_dir / ".lock", f"run {run_dir}") if distributed()[0] == 0 else contextlib.nullcontext():
+        return _train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
+
+
+def _train(cfg: dict[str, Any], run_dir: Path, *, data_root: str | Path | None, resume: bool,
+           progress: bool) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     rank, world = distributed()
     main = rank == 0
@@ -136,6 +146,9 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
     # --- data: the split is fixed by data.split_seed, the augmentation and order by the training seed
     data = prepare(cfg["data"], data_root, seed=seed)
     task, metric_name = data.info.task, tc["metric"] or data.info.metric
+    if data.info.num_classes < 2:
+        raise ValueError(f"dataset {data.info.name!r} has a single class ({data.info.classes}); a classifier needs "
+                         "at least 2 (one class folder per class)")
     if metric_name not in SELECTABLE[task] or (metric_name == "auc_mean5" and
                                                not set(CHEXPERT_COMPETITION) <= set(data.info.classes)):
         raise ValueError(f"train.metric={metric_name!r} is not available for {task} dataset {data.info.name!r}; "
@@ -177,7 +190,12 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
     loss_fn = F.binary_cross_entropy_with_logits if task == "multilabel" else F.cross_entropy
     sampler: DistributedSampler[Any] = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                                           seed=seed)
-    loader = DataLoader(train_set, batch_size=tc["batch_size"] // world, sampler=sampler,
+    # a last batch of one sample per process cannot train BatchNorm (no batch statistics): it is dropped, and the
+    # summary says so (train_dropped)
+    per_process = math.ceil(len(train_set) / world)
+    drop = per_process % (tc["batch_size"] // world) == 1 and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in train_net.modules())
+    loader = DataLoader(train_set, batch_size=tc["batch_size"] // world, sampler=sampler, drop_last=drop,
                         num_workers=tc["num_workers"], pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
     if tc["warmup_iters"] is not None or tc["warmup_epochs"] is not None:
@@ -194,7 +212,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
                              "bad_epochs": 0, "plateaus": 0, "train_seconds": 0.0}
     if resume and (ckpt_dir / "last.pt").exists():
         ckpt = load_torch(ckpt_dir / "last.pt", map_location=device)
-        model.load_state_dict(ckpt["model"])
+        load_state(model, ckpt["model"], ckpt_dir / "last.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
@@ -215,13 +233,18 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
             train_set.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device)
-        for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (main and progress)):
+        for step, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
+                                           disable=not (main and progress))):
             lr = lr_at(state["iteration"], base_lr=tc["lr"], warmup=warmup, plateaus=state["plateaus"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loss_fn(net(x).float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{run_dir}: the training loss is {float(loss.detach())} at epoch {epoch}, "
+                                         f"step {step} (iteration {state['iteration']}), lr {lr:g}: the run "
+                                         "diverged; lower train.lr or set train.grad_clip")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -235,6 +258,10 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
 
         # --- validate; keep the best; a plateau of `patience` epochs divides the LR by 10 or ends the run
         probs, targets, _ = predict(train_net, val_set, desc="val", **eval_kw)
+        if not np.isfinite(probs).all():  # NaN or infinite weights: stop before they can be saved as best
+            raise FloatingPointError(f"{run_dir}: the validation predictions are NaN or infinite after epoch {epoch} "
+                                     f"(iteration {state['iteration']}, lr {lr:g}): the run diverged; lower "
+                                     "train.lr or set train.grad_clip")
         val = compute_metrics(task, targets, probs, data.info.classes)
         value = val[metric_name]
         if is_better(value, state["best"]):
@@ -261,14 +288,14 @@ def train(cfg: dict[str, Any], run_dir: str | Path, *, data_root: str | Path | N
 
     # --- test the best checkpoint
     best = load_torch(ckpt_dir / "best.pt", map_location=device)
-    model.load_state_dict(best["model"])
+    load_state(model, best["model"], ckpt_dir / "best.pt")
     probs, targets, seconds = predict(model, data.datasets["test"], desc="test", **eval_kw)
     summary = {
         "dataset": data.info.name, "task": task, "metric": metric_name, "model": cfg["model"]["name"],
         "scenario": cfg["model"]["scenario"], "freeze_blocks": cfg["model"]["freeze_blocks"],
         "decapitate": cfg["model"]["decapitate"], "img_size": model_record["img_size"],
         "lr": tc["lr"], "seed": seed, "epochs_run": state["epoch"], "iterations": state["iteration"],
-        "train_size": len(train_set), "best_epoch": state["best_epoch"],
+        "train_size": len(train_set), "train_dropped": world if drop else 0, "best_epoch": state["best_epoch"],
         "iterations_to_best": state["best_iteration"], "val": {metric_name: state["best"]},
         "test": compute_metrics(task, targets, probs, data.info.classes),
         "inference_ms_per_image": 1000.0 * seconds / len(targets), "train_seconds": state["train_seconds"],

@@ -30,13 +30,14 @@ from repsim.knn import knn_evaluate
 from repsim.threads import kept_threads
 from repsim.train.config import check_slug, expand, load_spec, parse_overrides
 from repsim.train.loop import train
-from repsim.train.runs import ExperimentFiles, RunFiles, run_dir
+from repsim.train.runs import ExperimentFiles, RunFiles, check_run_paths, run_dir
 from repsim.train.utils import build_model, check_same_config, describe_weights, distributed, pick_device
 
 
 def train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | None, resume: bool = True,
                    progress: bool = False) -> dict[str, Any]:
     """The summary of the run of ``cfg`` in ``run_dir``: read when the run has finished, else trained (resumed)."""
+    check_run_paths(run_dir)
     files = RunFiles(run_dir)
     if files.finished():
         check_same_config(cfg, run_dir)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # torch is imported by the loaders only: checking a run folder stays instant
     from torch import nn
 
+from repsim.files import inside, load_state, load_torch, read_json
 
 Stage = Literal["init", "best"]
 
@@ -64,6 +65,11 @@ class RunFiles:
         return self.path / "summary.json"
 
     @property
+    def lock(self) -> Path:
+        """The lock file the trainer's main process holds while it writes the run."""
+        return self.path / ".lock"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
@@ -79,11 +85,16 @@ class RunFiles:
         """Whether the run has finished (it has its summary)."""
         return self.summary.is_file()
 
+    def all_paths(self) -> list[Path]:
+        """Every path the run reads or writes (``check_run_paths`` refuses any that leads outside the run)."""
+        return [self.lock, self.config, self.model, self.split, self.metrics, self.summary, self.backbone("init"),
+                self.backbone("best"), self.checkpoints, *(self.checkpoint(w) for w in ("best", "init", "last"))]
+
     def read_summary(self) -> dict[str, Any]:
-        return json.loads(self.summary.read_text())
+        return read_json(self.summary)
 
     def read_model(self) -> dict[str, Any]:
-        return json.loads(self.model.read_text())
+        return read_json(self.model)
 
     def read_config(self) -> dict[str, Any]:
         """The resolved config (empty when the run has none)."""
@@ -92,10 +103,18 @@ class RunFiles:
         return (yaml.safe_load(self.config.read_text()) or {}) if self.config.is_file() else {}
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """One dict per finished epoch (empty before the first)."""
+        """One dict per finished epoch (empty before the first); a line that is not JSON raises one line naming it."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(self.metrics.read_text().splitlines(), 1):
+            try:
+                if line.strip():
+                    rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.metrics} line {number} is not valid JSON ({err}; a line cut short by a "
+                                 "crash?); resume the run (--resume) to rewrite it, or remove the line") from None
+        return rows
 
 
 class ExperimentFiles:
@@ -126,8 +145,21 @@ RESULT_FILES = (ExperimentFiles(".").results.name, ExperimentFiles(".").knn.name
 
 
 def run_dir(exp_dir: str | Path, lr: float, seed: int) -> Path:
-    """The folder of the run at ``lr`` and ``seed`` inside an experiment folder."""
-    return Path(exp_dir) / f"lr{lr:g}" / f"seed{seed}"
+    """The folder of the run at ``lr`` and ``seed`` inside an experiment folder (symbolic links resolved: a link
+    that leads out of the experiment folder is refused)."""
+    return inside(Path(exp_dir) / f"lr{lr:g}" / f"seed{seed}", exp_dir)
+
+
+def check_run_paths(run: str | Path) -> None:
+    """Refuse a run folder where any file of the run resolves outside it (a planted symbolic link)."""
+    for path in RunFiles(run).all_paths():
+        inside(path, run)
+
+
+def experiment_of(run: str | Path) -> Path | None:
+    """The experiment folder of a run laid out as ``<experiment>/lr<lr>/seed<k>`` (``run_dir``), else None."""
+    run = Path(run)
+    return run.parent.parent if run.name.startswith("seed") and run.parent.name.startswith("lr") else None
 
 
 def find_runs(exp_dir: str | Path, lr: float | None = None) -> list[Path]:
@@ -135,7 +167,7 @@ def find_runs(exp_dir: str | Path, lr: float | None = None) -> list[Path]:
     (lr, seed)."""
     found = []
     for path in Path(exp_dir).rglob(RunFiles(".").summary.name):
-        s = json.loads(path.read_text())
+        s = read_json(path)
         if lr is None or math.isclose(s["lr"], lr, rel_tol=1e-9):
             found.append((s["lr"], s["seed"], path.parent))
     return [p for *_, p in sorted(found)]
@@ -204,7 +236,6 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
     ``weights_only``). The backbone carries the run's ``RunInputs``: ``repsim.compare`` feeds it the normalisation it
     trained with, ``repsim.data.loader(like=...)`` keeps its training images out of a CKA."""
     from repsim import models
-    from repsim.files import load_torch
 
     if which not in ("init", "best"):
         raise ValueError(f"which must be 'init' or 'best', got {which!r}")
@@ -230,7 +261,7 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
             raise FileNotFoundError(f"{init} is missing: the run predates saved initial heads, so its initial "
                                     "classifier cannot be loaded (its initial backbone can: part='backbone')")
         state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_torch(init)}
-    model.load_state_dict(state)
+    load_state(model, state, files.checkpoint(which))
     return model.eval()
 
 

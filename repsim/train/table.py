@@ -3,13 +3,15 @@ mean ± std over seeds."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from repsim.files import read_json
 from repsim.train.runs import RESULT_FILES
+
+RESULT_KEYS = ("dataset", "model", "scenario", "metric", "test")  # what a table row reads of a result
 
 
 def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -20,14 +22,20 @@ def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         if not path.exists():
             raise FileNotFoundError(f"no such run folder: {path}")
         files = [path] if path.is_file() else sorted(p for n in RESULT_FILES for p in path.rglob(n))
-        for f in files:
-            try:
-                found.append({**json.loads(f.read_text()), "source": str(f)})
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{f} is not valid JSON ({err}); delete it and rerun its experiment") from None
+        found += [_checked(f) for f in files]
     if not found:
         raise FileNotFoundError(f"no {' or '.join(RESULT_FILES)} under {[str(p) for p in paths]}")
     return found
+
+
+def _checked(path: Path) -> dict[str, Any]:
+    """The result in ``path``, checked to hold what a table needs (one line naming the file otherwise)."""
+    result = read_json(path)
+    missing = [k for k in RESULT_KEYS if k not in result] if isinstance(result, dict) else list(RESULT_KEYS)
+    if missing:
+        raise ValueError(f"{path} lacks {missing} (written by something else, or edited); remove it or rerun its "
+                         "experiment")
+    return result
 
 
 def _variant(r: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,12 @@ def check_same_config(cfg: dict[str, Any], run_dir: Path) -> None:
     Keys added to the trainer after the run was written count as equal when the new config holds their default, so a
     newer repsim still reuses older runs whose behaviour it reproduces.
     """
-    path = RunFiles(run_dir).config
+    files = RunFiles(run_dir)
+    path = files.config
+    held = [f for f in (files.summary, files.checkpoint("last")) if f.exists()]
+    if held and not path.exists():
+        raise ValueError(f"{run_dir} holds a run ({held[0].relative_to(run_dir)}) but no {path.name}, so its config "
+                         f"cannot be checked against this one; restore {path.name} or use another --out")
     if path.exists():
         try:
             old = yaml.safe_load(path.read_text())
@@ -40,11 +46,25 @@ def check_same_config(cfg: dict[str, Any], run_dir: Path) -> None:
                              "use another --out")
 
 
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the other processes before failing: ``REPSIM_COLLECTIVE_TIMEOUT`` seconds
+    (default 300), so a stalled rank ends every rank instead of blocking them for gloo's or NCCL's 30 minutes."""
+    text = os.environ.get("REPSIM_COLLECTIVE_TIMEOUT", "300")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"REPSIM_COLLECTIVE_TIMEOUT must be a positive number of seconds, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
 def distributed() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when launched by torchrun."""
+    """(rank, world size), initialising the process group (with ``collective_timeout``) when launched by
+    torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=collective_timeout())
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
