@@ -16,7 +16,6 @@ Memory against dataset size: bench/cka_scale.py.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,9 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import repsim
+from repsim.data import default_root
 
 LAYERS = [f"blocks.{i}" for i in range(12)]
-DATA_ROOT = Path(os.environ.get("REPSIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA_ROOT = default_root() or Path("../shared/data")  # $REPSIM_DATA, else ../shared/data beside the repository
 DEFAULT_DATA = DATA_ROOT / "medmnist" / "retinamnist.npz"
 
 

@@ -83,7 +83,7 @@ def throughput() -> tuple[float, float]:
 
 
 def amp_step(tmp: Path) -> float:
-    from repsim.study.pipeline import materialise_synthetic
+    from repsim.study.workspace import materialise_synthetic
     from repsim.train.config import expand
     from repsim.train.loop import train
 

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from repsim.data import prepare  # noqa: E402
+from repsim.data import default_root, prepare  # noqa: E402
 from repsim.train.config import DEFAULTS, deep_merge  # noqa: E402
 from repsim.train.loop import train  # noqa: E402
 from repsim.train.utils import build_model, pick_device  # noqa: E402
@@ -67,7 +67,8 @@ def trainer_loop(cfg: dict, data_root: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--data-root", default=str(default_root() or "../shared/data"),
+                   help="default: $REPSIM_DATA, else ../shared/data beside the repository")
     p.add_argument("--flag", default="pneumoniamnist", help="MedMNIST dataset under <data-root>/medmnist")
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--depth", type=int, default=4)

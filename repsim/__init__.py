@@ -16,33 +16,27 @@ import sys
 import types as _stdlib_types  # ``types`` itself is the name of the sub-module repsim.types
 from typing import Any
 
+from repsim.lazy import lazy_exports
+
 __version__ = "0.4.0"
 
 if "ipykernel" in sys.modules:  # in Jupyter: silence tqdm's IProgress warning before timm can raise it
     importlib.import_module("repsim.progress")
 
-# public name -> (module, attribute)
-_LAZY = {
-    "cka": ("repsim.cka", "cka"),
-    "MinibatchCKA": ("repsim.minibatch", "MinibatchCKA"),
-    "gram_vector": ("repsim.gram", "gram_vector"),
-    "feature_gram": ("repsim.gram", "feature_gram"),
-    "capture": ("repsim.capture", "capture"),
-    "extract": ("repsim.capture", "extract"),
-    "compare": ("repsim.compare", "compare"),
-    "compare_many": ("repsim.compare", "compare_many"),
-    "cka_matrix": ("repsim.compare", "cka_matrix"),
-    "Bootstrap": ("repsim.compare", "Bootstrap"),
-    "compare_models": ("repsim.workflows", "compare_models"),
-    "heatmap": ("repsim.plot", "heatmap"),
-    "heatmap_grid": ("repsim.plot", "heatmap_grid"),
-    "load": ("repsim.files", "load"),
+# public name -> its module
+_EXPORTS = {
+    "cka": "repsim.cka", "MinibatchCKA": "repsim.minibatch", "gram_vector": "repsim.gram",
+    "feature_gram": "repsim.gram", "capture": "repsim.capture", "extract": "repsim.capture",
+    "compare": "repsim.compare", "compare_many": "repsim.compare", "cka_matrix": "repsim.compare",
+    "Bootstrap": "repsim.compare", "write_cka": "repsim.workflows", "heatmap": "repsim.plot",
+    "heatmap_grid": "repsim.plot", "load": "repsim.files",
 }
+_lazy_getattr, _, _lazy = lazy_exports(__name__, _EXPORTS, deprecated={"compare_models": "repsim.workflows:write_cka"})
 # Sub-packages reachable as attributes after a plain ``import repsim`` (imported on first use).
 _SUBMODULES = ("models", "surgery", "data", "train", "metrics", "knn", "study", "report", "plot", "files")
 _FUNCTIONS_NAMED_AS_MODULES = {"cka", "capture", "compare"}
 
-__all__ = sorted([*_LAZY, *_SUBMODULES])
+__all__ = sorted([*_lazy, *_SUBMODULES])
 
 
 class _Package(_stdlib_types.ModuleType):
@@ -59,15 +53,13 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
     if name in _SUBMODULES:
         return importlib.import_module(f"repsim.{name}")
-    raise AttributeError(f"module 'repsim' has no attribute {name!r}")
+    value = _lazy_getattr(name)
+    if name in _EXPORTS:
+        globals()[name] = value  # bound once: later look-ups skip __getattr__
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

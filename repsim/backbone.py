@@ -8,6 +8,7 @@ used only by the pooled feature).  Freezing, decapitation and the scenario gradi
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ class Backbone(nn.Module):
     """A feature extractor with an ordered list of blocks, patch tokens after any block and one pooled feature.
 
     Subclasses wrap one library model and implement ``_tokens_after`` (raw output of block ``i`` as ``(B, N, C)``
-    patch tokens, prefix tokens removed, no final norm), ``_pooled`` (the paper's pooled feature) and ``_truncate``
+    patch tokens, prefix tokens removed, no final norm), ``_pooled`` (the paper's pooled feature) and ``_keep_blocks``
     (keep the first ``k`` blocks, through the library's own pruning where it has one).
     """
 
@@ -96,17 +97,24 @@ class Backbone(nn.Module):
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _truncate(self, k: int) -> None:
+    def _keep_blocks(self, k: int) -> None:
         raise NotImplementedError
 
-    def truncate(self, k: int) -> None:
-        """Keep the first ``k`` blocks (``1 <= k <= num_blocks``); the pooled feature then pools block ``k-1``."""
+    def keep_blocks(self, k: int) -> None:
+        """Keep the first ``k`` blocks (``1 <= k <= num_blocks``; decapitation, ``repsim.surgery.decapitate``); the
+        pooled feature then pools block ``k-1``."""
         if not isinstance(k, int) or not 1 <= k <= self.num_blocks:
             raise ValueError(
                 f"{self.name}: cannot keep {k!r} blocks, it has {self.num_blocks} (need 1..{self.num_blocks})"
             )
-        self._truncate(k)
+        self._keep_blocks(k)
         self._block_names = self._block_names[:k]
+
+    def truncate(self, k: int) -> None:
+        """Deprecated name of ``keep_blocks`` (it keeps the first blocks; it goes in the next release)."""
+        warnings.warn("Backbone.truncate is deprecated and will be removed in the next release; use keep_blocks",
+                      DeprecationWarning, stacklevel=2)
+        self.keep_blocks(k)
 
     # ----- parameter groups -----------------------------------------------------------------------------------
     def _pooling_prefixes(self) -> tuple[str, ...]:

@@ -57,8 +57,11 @@ def cka(
         x, y: (n, ...) torch tensors or numpy arrays; trailing dims are flattened.
         kernel: ``"linear"`` (evaluated in feature space when that is cheaper) or ``"rbf"`` with
             sigma = ``threshold`` x median pairwise distance (Kornblith et al.'s convention).
-        estimator: ``"biased"`` HSIC0 (Kornblith's default) or ``"unbiased"`` HSIC1 (U-centred; needs n >= 4 and
-            can be negative, never clamped).
+        estimator: ``"biased"`` HSIC0 or ``"unbiased"`` HSIC1 (U-centred; needs n >= 4 and can be negative, never
+            clamped). Biased by default, unlike the rest of repsim: this one-batch function is the reference that
+            reproduces Kornblith et al.'s published numbers (their ``cka(..., debiased=False)`` default). Everything
+            that combines batches (``MinibatchCKA``, ``compare``, ``cka_matrix``, ``repsim cka``) defaults to
+            unbiased, because only HSIC1 averages over batches without a batch-size bias (Nguyen et al. 2021).
         debiased: deprecated alias: ``True`` is ``estimator="unbiased"``.
 
     Returns:

@@ -74,7 +74,9 @@ def add_cka(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", help="folder holding the named datasets (default: $REPSIM_DATA or ../shared/data)")
     p.add_argument("--split", default="test", help="split of data that has one")
     p.add_argument("--img-size", type=int, help="input size (default: a run's own, else 224)")
-    p.add_argument("--batch-size", type=int, default=64, help="CKA batch size (batches are near-equal in size)")
+    p.add_argument("--batch-size", type=int, default=64, help="smallest CKA batch: the N images are cut into "
+                   "N // BATCH_SIZE near-equal contiguous batches, each of at least BATCH_SIZE (and fewer than twice "
+                   "as many) images (repsim.batches, the rule of every CKA in repsim)")
     p.add_argument("--n-samples", type=int, help="use the first N samples (default: all)")
     p.add_argument("--estimator", default="unbiased", choices=ESTIMATORS, help="HSIC estimator")
     p.add_argument("--boot", type=int, default=0, help="bootstrap resamples for confidence intervals (0: none)")
@@ -86,9 +88,9 @@ def add_cka(sub: argparse._SubParsersAction) -> None:
 
 
 def cka(args: argparse.Namespace) -> int:
-    from repsim.workflows import compare_models
+    from repsim.workflows import write_cka
 
-    nc, png = compare_models(
+    nc, png = write_cka(
         args.model_a or Path(args.run_a), args.model_b or (args.run_b and Path(args.run_b)), args.data,
         Path(args.out), which=(args.which_a,
         args.which_b), checkpoints=(args.checkpoint_a, args.checkpoint_b), pretrained=args.pretrained,
@@ -198,7 +200,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data-root", help="folder that relative data.root paths are resolved against")
         p.add_argument("--out", default="runs", help="output folder")
         p.add_argument("--dry-run", action="store_true", help="list the runs of the spec and exit")
-        p.add_argument("--resume", action="store_true", help="continue interrupted runs from checkpoints/last.pt")
+        p.add_argument("--resume", action="store_true", help="continue interrupted runs from their last checkpoint")
         for flag, key, kind in _SHORTCUTS:
             p.add_argument(flag, type=kind, help=f"same as {key}=VALUE")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=5")

@@ -18,7 +18,6 @@ input normalisation, processes) in ``Dataset.attrs``. Under ``torchrun`` each pr
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import ExitStack, closing
@@ -30,6 +29,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from repsim.batches import near_equal_batches
 from repsim.capture import capture, open_activations, prepare_input, resolve_layers, split_batch
 from repsim.gram import check_estimator, feature_gram
 from repsim.inputs import model_normalisation, renormaliser
@@ -37,7 +37,7 @@ from repsim.minibatch import MinibatchCKA
 from repsim.progress import tqdm
 from repsim.shard import shard_batches
 from repsim.shard import world as process_world
-from repsim.types import Estimator, Pool
+from repsim.types import Estimator, Pooling
 
 Layers = str | Sequence[str]
 Normalise = Literal["model", "loader"]
@@ -113,7 +113,7 @@ def _input_maps(models: Mapping[str, nn.Module], labels: Mapping[str, str], load
 
 
 def _stream_grams(models: Mapping[str, nn.Module], layers: Mapping[str, list[str]], loader: Iterable[Any], *,
-                  pool: Mapping[str, Pool], estimator: Estimator, progress: bool, desc: str, rank: int,
+                  pool: Mapping[str, Pooling], estimator: Estimator, progress: bool, desc: str, rank: int,
                   world_size: int, inputs: Mapping[str, InputMap]
                   ) -> Generator[tuple[int, int, dict[str, Mapping[str, torch.Tensor]]], None, None]:
     """Yield ``(batch index, n, {tag: {layer: feature_gram}})`` for this process's batches, each model run once on
@@ -170,7 +170,7 @@ def _labels(labels: Sequence[str] | None, default: tuple[str, str]) -> tuple[str
 
 
 def compare(model_a: nn.Module, model_b: nn.Module | None, loader: Iterable[Any], *, layers_a: Layers | None = None,
-            layers_b: Layers | None = None, labels: Sequence[str] | None = None, pool: Pool = "flatten",
+            layers_b: Layers | None = None, labels: Sequence[str] | None = None, pool: Pooling = "flatten",
             device: str | torch.device | None = None, estimator: Estimator = "unbiased",
             bootstrap: Bootstrap | int | None = None, normalise: Normalise = "model", progress: bool = True
             ) -> xr.Dataset:
@@ -236,7 +236,7 @@ def _base(key: str) -> str:
 
 
 def compare_many(models: Mapping[str, nn.Module], loader: Iterable[Any], *,
-                 layers: Layers | Mapping[str, Layers] | None = None, pool: Pool | Mapping[str, Pool] = "flatten",
+                 layers: Layers | Mapping[str, Layers] | None = None, pool: Pooling | Mapping[str, Pooling] = "flatten",
                  device: str | torch.device | None = None, estimator: Estimator = "unbiased",
                  bootstrap: Bootstrap | int | None = None, normalise: Normalise = "model", progress: bool = True
                  ) -> xr.Dataset:
@@ -296,7 +296,8 @@ def cka_matrix(ds_a: xr.Dataset | str | os.PathLike[str], ds_b: xr.Dataset | str
                bootstrap: Bootstrap | int | None = None, progress: bool = True) -> xr.Dataset:
     """Minibatch CKA over activations stored by ``extract`` (Datasets in memory or zarr paths), read batch by batch.
 
-    Samples are split into ``ceil(N / batch_size)`` contiguous batches of near-equal size (so no tiny last batch).
+    Samples are split as ``repsim.data.loader`` splits them (``repsim.batches.near_equal_batches``: ``N //
+    batch_size`` contiguous near-equal batches of at least ``batch_size`` samples, so no tiny last batch).
     ``ds_b`` None compares ``ds_a``'s variables with each other. The two must hold the same samples in the same
     order: different sample counts or ``sample`` coordinates raise ``ValueError``.
     """
@@ -324,8 +325,8 @@ def cka_matrix(ds_a: xr.Dataset | str | os.PathLike[str], ds_b: xr.Dataset | str
     label_a, label_b = _labels(labels, default)
     engine = MinibatchCKA(estimator=estimator, label_a=label_a, label_b=None if b is None else label_b,
                           keep_batches=boot is not None)
-    bounds = np.linspace(0, n, math.ceil(n / batch_size) + 1).round().astype(int)
-    for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="cka", unit="batch", disable=not progress):
+    for batch in tqdm(near_equal_batches(n, batch_size), desc="cka", unit="batch", disable=not progress):
+        lo, hi = batch[0], batch[-1] + 1
         rows = slice(lo, hi)
         ga = {str(v): feature_gram(a[v].isel(sample=rows).values, name=f"a:{v}", estimator=estimator) for v in vars_a}
         gb = None if b is None else {str(v): feature_gram(b[v].isel(sample=rows).values, name=f"b:{v}",

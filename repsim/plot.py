@@ -22,6 +22,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from repsim.matrices import diagonal_values
+
 Matrix = xr.DataArray | xr.Dataset
 CELLS = {"cka": "cells: CKA", "ci": "cells: CKA ± half the 95% CI", "none": ""}
 
@@ -252,11 +254,6 @@ def heatmap_grid(
     return fig
 
 
-def _diag(ds: xr.Dataset | xr.DataArray, var: str = "cka") -> np.ndarray:
-    da = ds[var] if isinstance(ds, xr.Dataset) else ds
-    return np.diagonal(np.asarray(da.values, dtype=float))
-
-
 def diagonal(
     results: xr.Dataset | Mapping[str, xr.Dataset | Sequence[xr.Dataset]],
     *,
@@ -285,18 +282,19 @@ def diagonal(
     if ax is None:
         ax = ReprFigure(figsize=(5.0, 3.4), layout="constrained").add_subplot()
     if null is not None:
-        rows = np.array([_diag(d) for d in ([null] if isinstance(null, (xr.Dataset, xr.DataArray)) else null)])
+        nulls = [null] if isinstance(null, (xr.Dataset, xr.DataArray)) else null
+        rows = np.array([diagonal_values(d) for d in nulls])
         x = np.arange(rows.shape[1])
         ax.fill_between(x, rows.min(0), rows.max(0), color="grey", alpha=0.3,
                         label=f"null reference ({len(rows)} pair{'s' * (len(rows) > 1)}, min–max)")
         ax.plot(x, rows.mean(0), color="grey", linestyle="--")
     for i, (label, res) in enumerate(results.items()):
         if isinstance(res, (xr.Dataset, xr.DataArray)):
-            mean = _diag(res)
-            band = (_diag(res, "lower"), _diag(res, "upper")) if "lower" in res else None
+            mean = diagonal_values(res)
+            band = (diagonal_values(res, "lower"), diagonal_values(res, "upper")) if "lower" in res else None
             what = "95% CI" if band is not None else ""
         else:
-            rows = np.array([_diag(d) for d in res])
+            rows = np.array([diagonal_values(d) for d in res])
             mean, band, what = rows.mean(0), (rows.min(0), rows.max(0)), f"mean of {len(rows)}, min–max"
         x = np.arange(len(mean))
         if band is not None:

@@ -25,6 +25,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from repsim.files import read_json, write_text
+from repsim.train.runs import RunFiles, experiment_of
+from repsim.train.table import RESULT_FILES
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;font-size:.9em}
@@ -76,15 +78,15 @@ def markdown_to_html(text: str) -> str:
 
 
 def _tables(root: Path) -> str:
-    from repsim.train.table import RESULT_FILES, collect, markdown_table
+    from repsim.train.table import collect, markdown_table
 
     if _own(root, root / "tables.md"):
         return markdown_to_html((root / "tables.md").read_text())
     if any(next(root.rglob(n), None) for n in RESULT_FILES):
         return ("<h2>Results (test split, mean ± std over seeds)</h2>"
                 + markdown_to_html(markdown_table(collect([root]))))
-    if _own(root, root / "summary.json"):
-        s = read_json(root / "summary.json")
+    if _own(root, RunFiles(root).summary):
+        s = RunFiles(root).read_summary()
         rows = [("dataset", s["dataset"]), ("model", s["model"]), ("scenario", s["scenario"]), ("lr", s["lr"]),
                 ("seed", s["seed"]), ("best epoch", s["best_epoch"]), ("iterations to best", s["iterations_to_best"]),
                 ("inference ms/image", f"{s['inference_ms_per_image']:.3f}"),
@@ -92,30 +94,17 @@ def _tables(root: Path) -> str:
                 *((f"test {k}", f"{v:.4f}") for k, v in s["test"].items())]
         return "<h2>Run summary (test metrics of the best checkpoint)</h2>" + markdown_to_html(
             "| | |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows))
-    return ('<h2>Results</h2><p class="note">No summary.json, results.json or tables.md here (the run has not '
-            'finished).</p>')
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            if line.strip():
-                rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number} is not valid JSON ({err}; a line cut short by a crash?); "
-                             "resume the run (--resume) to rewrite it, or remove the line") from None
-    return rows
+    return (f'<h2>Results</h2><p class="note">No run summary, {" or ".join(RESULT_FILES)} or tables.md here (the '
+            'run has not finished).</p>')
 
 
 def _selection_metric(run: Path) -> str | None:
     """The metric a run selects its checkpoint on (from its summary, else its config when set there)."""
-    import yaml
-
-    if _own(run, run / "summary.json"):
-        return read_json(run / "summary.json")["metric"]
-    if _own(run, run / "config.yaml"):
-        return (yaml.safe_load((run / "config.yaml").read_text()).get("train") or {}).get("metric")
+    files = RunFiles(run)
+    if _own(run, files.summary):
+        return files.read_summary()["metric"]
+    if _own(run, files.config):
+        return (files.read_config().get("train") or {}).get("metric")
     return None
 
 
@@ -125,7 +114,7 @@ def curves_figure(runs: Iterable[Path], title: str) -> Figure:
     loss_ax, val_ax = fig.subplots(1, 2)
     metric = ""
     for run in runs:
-        rows = _read_jsonl(run / "metrics.jsonl")
+        rows = RunFiles(run).read_metrics()
         if not rows:
             continue
         metric = _selection_metric(run) or metric
@@ -143,10 +132,10 @@ def curves_figure(runs: Iterable[Path], title: str) -> Figure:
 
 def _curves(root: Path) -> str:
     groups: dict[Path, list[Path]] = {}
-    for path in sorted(p for p in root.rglob("metrics.jsonl") if _own(root, p)):
+    for path in sorted(p for p in root.rglob(RunFiles(".").metrics.name) if _own(root, p)):
         run = path.parent
-        in_exp = run != root and run.parent != root and run.name.startswith("seed") and run.parent.name.startswith("lr")
-        exp = run.parent.parent if in_exp else run
+        exp = experiment_of(run) if run != root and run.parent != root else None
+        exp = exp or run
         groups.setdefault(exp, []).append(run)
     if not groups:
         return ""
@@ -166,7 +155,6 @@ def _figures(root: Path) -> str:
 
 def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
     """Heatmap of a trainer run's backbone blocks before vs after fine-tuning on its test split."""
-    import yaml
     from torch.utils.data import DataLoader, Subset
 
     from repsim.compare import Bootstrap, compare
@@ -174,7 +162,7 @@ def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
     from repsim.plot import heatmap
     from repsim.train.runs import load_run
 
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = RunFiles(run).read_config()
     test = prepare(cfg["data"], data_root).datasets["test"]
     subset = Subset(test, range(min(n_samples, len(test))))
     loader = DataLoader(subset, batch_sampler=bootstrap_batches(len(subset)))
@@ -187,7 +175,8 @@ def run_cka(run: Path, data_root: str | Path | None, n_samples: int) -> Figure:
 
 
 def _run_cka(root: Path, data_root: str | Path | None, n_samples: int) -> str:
-    if not all(_own(root, root / f) for f in ("backbone_init.pt", "backbone_best.pt", "model.json", "config.yaml")):
+    files = RunFiles(root)
+    if not all(_own(root, f) for f in (files.backbone("init"), files.backbone("best"), files.model, files.config)):
         return ""
     try:
         fig = run_cka(root, data_root, n_samples)

@@ -29,7 +29,7 @@ def _backbone_of(model: nn.Module) -> Backbone:
 
 
 def freeze(model: nn.Module, blocks: Literal["all", "none"] | int = "all") -> nn.Module:
-    """Set which backbone parameters train: ``"all"`` frozen, ``"none"`` frozen, or the first ``blocks`` blocks
+    """Set which backbone parameters train: ``"all"`` frozen, ``"none"`` all trainable, or the first ``blocks`` blocks
     and everything before them frozen (the blocks after, and the final norm/projection, train; 0 freezes nothing).
 
     ``model`` is a Backbone or a module with a ``.backbone``; only the backbone is touched.  Returns ``model``.
@@ -56,7 +56,7 @@ def decapitate(model: Backbone, k: int) -> Backbone:
     """Keep the first ``k`` blocks of ``model`` (in place; module names are unchanged).  Returns ``model``."""
     if not isinstance(model, Backbone):
         raise TypeError(f"decapitate works on a repsim Backbone (before a head is built), got {type(model).__name__}")
-    model.truncate(k)
+    model.keep_blocks(k)
     return model
 
 

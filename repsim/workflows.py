@@ -1,4 +1,4 @@
-"""What the command line does, as library calls: ``compare_models`` is ``repsim cka`` (models or run folders in,
+"""What the command line does, as library calls: ``write_cka`` is ``repsim cka`` (models or run folders in,
 ``cka.nc`` and ``cka.png`` out), usable from notebooks and scripts as well."""
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repsim.types import Estimator, Pool
+from repsim.lazy import lazy_exports
+from repsim.types import Estimator, Pooling
+
+__getattr__, __dir__, _ = lazy_exports(__name__, {}, deprecated={"compare_models": "repsim.workflows:write_cka"})
 
 if TYPE_CHECKING:  # torch and the models are imported only once the inputs are checked: bad input fails at once
     from repsim.compare import Bootstrap
@@ -18,7 +21,7 @@ if TYPE_CHECKING:  # torch and the models are imported only once the inputs are 
 
 def _check_side(model: str | Path, which: str, checkpoint: str | None, pretrained: bool
                 ) -> RunInputs | None:
-    """One side of ``compare_models`` checked without building it: a finished run folder (its ``RunInputs``) or a
+    """One side of ``write_cka`` checked without building it: a finished run folder (its ``RunInputs``) or a
     known model name (None), with its checkpoint file present."""
     from repsim.train.runs import run_inputs
 
@@ -33,11 +36,11 @@ def _check_side(model: str | Path, which: str, checkpoint: str | None, pretraine
     return None
 
 
-def compare_models(model_a: str | Path, model_b: str | Path | None, data: str, out: Path | None, *,
+def write_cka(model_a: str | Path, model_b: str | Path | None, data: str, out: Path | None, *,
                    which: Sequence[str] = ("best", "best"), checkpoints: Sequence[str | None] = (None, None),
                    pretrained: bool = False, labels: Sequence[str] | None = None,
                    layers_a: Sequence[str] | None = None, layers_b: Sequence[str] | None = None,
-                   pool: Pool = "flatten", data_root: str | Path | None = None, split: str = "test",
+                   pool: Pooling = "flatten", data_root: str | Path | None = None, split: str = "test",
                    img_size: int | None = None, batch_size: int = 64, n_samples: int | None = None,
                    estimator: Estimator = "unbiased", bootstrap: Bootstrap | int | None = None,
                    device: str | None = None, num_workers: int = 0, seed: int | None = None

@@ -23,16 +23,13 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _data_root() -> Path:
-    env = os.environ.get("REPSIM_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
-
-
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """Root of the real medical data (MedMNIST npz, HAM10000 sample, NIH CXR14); skip when absent."""
-    root = _data_root()
-    if not (root / "medmnist" / "retinamnist.npz").exists():
+    from repsim.data import default_root
+
+    root = default_root()
+    if root is None or not (root / "medmnist" / "retinamnist.npz").exists():
         pytest.skip(f"real medical data not found under {root} (set REPSIM_DATA to its folder)")
     return root
 

@@ -129,7 +129,7 @@ def test_stored_activations_match_streaming(data, tmp_path) -> None:
     extract(b, loader, layers=LAYERS, store=tmp_path / "b.zarr", progress=False)
     stored = cka_matrix(ds_a, tmp_path / "b.zarr", batch_size=20, progress=False).cka
     np.testing.assert_allclose(stored.values, streamed.values, rtol=0, atol=1e-9)
-    uneven = cka_matrix(ds_a, tmp_path / "b.zarr", batch_size=15, progress=False)  # 3 batches of 13-14 samples
+    uneven = cka_matrix(ds_a, tmp_path / "b.zarr", batch_size=13, progress=False)  # 3 batches of 13-14 samples
     batches = (slice(0, 13), slice(13, 27), slice(27, 40))
     x = torch.cat([x for x, _ in loader])
     ref = minibatch_reference([layer_outputs(a, x[s], LAYERS) for s in batches],
@@ -264,3 +264,13 @@ def test_output_not_one_row_per_sample(data) -> None:
 
     with pytest.raises(ValueError, match="0: output has 40 rows for a batch of 20"):
         compare(nn.Sequential(Folds()), None, data, layers_a="0", progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [7, 13, 15, 40])
+def test_cka_matrix_batches_as_the_loader_does(data, batch_size: int) -> None:
+    """One meaning of batch_size: cka_matrix cuts N samples into N // batch_size batches, as repsim.data.loader."""
+    from repsim.data import near_equal_batches
+
+    ds = extract(mlp(6), data[:2], layers=LAYERS, progress=False)
+    got = cka_matrix(ds, batch_size=batch_size, progress=False)
+    assert got.attrs["n_batches"] == len(near_equal_batches(40, batch_size)) == 40 // batch_size

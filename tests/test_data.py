@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from repsim.data import prepare, split_indices
+from repsim.data.csv_readers import CHEXPERT_LABELS
 from repsim.data.datasets import with_channels
-from repsim.data.readers import CHEXPERT_LABELS, load_source
+from repsim.data.registry import load_source
 
 HAM = {"dataset": "csv", "root": "ham10000_sample", "csv": "HAM10000_metadata_sample.csv", "image_col": "image_id",
        "label_col": "dx", "group_col": "lesion_id", "ext": ".jpg", "img_size": 32}

@@ -48,7 +48,7 @@ def test_binary_auc_uses_positive_column() -> None:
 
 
 def test_multilabel_mean14_mean5_and_per_label() -> None:
-    from repsim.data.readers import CHEXPERT_LABELS
+    from repsim.data.csv_readers import CHEXPERT_LABELS
 
     rng = np.random.default_rng(2)
     y = (rng.random((400, 14)) < 0.3).astype(float)

@@ -14,7 +14,7 @@ import yaml
 
 from repsim.cli import main
 from repsim.study import PRESETS, Start, Study, resolved_config, settings_with
-from repsim.study.scheduler import Experiment, Pool, Scheduler
+from repsim.study.scheduler import Experiment, Scheduler, Workers
 from repsim.study.stats import paired_difference, run_flags
 from repsim.train.runs import find_runs, load_run
 
@@ -144,7 +144,7 @@ def test_report_of_a_study_embeds_its_tables_and_figures(study_dir: Path) -> Non
 def test_scheduler_refuses_unknown_and_circular_dependencies(tmp_path: Path) -> None:
     cfg = resolved_config({"dataset": "medmnist", "root": "medmnist", "flag": "breastmnist"},
                           {"name": "test_vit", "pretrained": False}, {})
-    scheduler = Scheduler(Pool(1, 1), None)
+    scheduler = Scheduler(Workers(1, 1), None)
     with pytest.raises(ValueError, match=r"unknown experiments \['c'\]"):
         scheduler.run([Experiment("a", cfg, tmp_path / "a", after=("c",))])
     with pytest.raises(ValueError, match="wait on each other"):
@@ -187,7 +187,7 @@ def test_settings_overrides_and_inconsistent_settings_are_named() -> None:
         settings_with(PRESETS["tiny"], ["starts=[]"])
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         replace(PRESETS["tiny"], targets=("nope",)).check()
-    with pytest.raises(ValueError, match="must be a slug"):
+    with pytest.raises(ValueError, match="start name '../x' cannot name an output folder"):
         replace(PRESETS["tiny"], starts=(Start("../x", "scratch"),)).check()
     with pytest.raises(ValueError, match="freezing curve of start 'in-domain'.*unfrozen-linear"):
         replace(PRESETS["tiny"], scenarios=("frozen-linear", "frozen-stacked"), decapitate=[]).check()

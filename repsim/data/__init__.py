@@ -3,24 +3,17 @@ train/val/test datasets)."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from repsim.data.named import NAMED, check_data, default_root
+from repsim.lazy import lazy_exports
 
 # Imported on first use, so that reading NAMED (the CLI, study settings) does not import torch.
-_LAZY = {
-    "Data": "spec", "prepare": "spec", "GENERAL_KEYS": "spec",
-    "loader": "loaders", "near_equal_batches": "loaders", "bootstrap_batches": "loaders",
-    "DatasetInfo": "datasets", "ImageDataset": "datasets", "Source": "datasets", "READERS": "readers",
-    "load_source": "readers", "with_channels": "datasets",
-    "split_indices": "splits", "build_transform": "transforms",
-}
+__getattr__, __dir__, _lazy = lazy_exports(__name__, {
+    "Data": "repsim.data.preparation", "prepare": "repsim.data.preparation", "GENERAL_KEYS": "repsim.data.preparation",
+    "loader": "repsim.data.loaders", "near_equal_batches": "repsim.batches",
+    "bootstrap_batches": "repsim.data.loaders", "DatasetInfo": "repsim.data.datasets",
+    "ImageDataset": "repsim.data.datasets", "Source": "repsim.data.datasets", "with_channels": "repsim.data.datasets",
+    "READERS": "repsim.data.registry", "load_source": "repsim.data.registry",
+    "split_indices": "repsim.data.splits", "build_transform": "repsim.data.transforms",
+})
 
-__all__ = ["NAMED", "check_data", "default_root", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"repsim.data.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'repsim.data' has no attribute {name!r}")
+__all__ = ["NAMED", "check_data", "default_root", *_lazy]

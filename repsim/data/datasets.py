@@ -1,5 +1,5 @@
 """The dataset model (:class:`Source`, :class:`DatasetInfo`, :class:`ImageDataset`) and the readers of array and
-folder data (MedMNIST ``.npz`` files, image folders); the csv-described datasets are in :mod:`repsim.data.readers`.
+folder data (MedMNIST ``.npz`` files, image folders); the csv-described datasets are in :mod:`repsim.data.csv_readers`.
 
 Each reader returns a :class:`Source`: every image (an in-memory uint8 array or a file path), its target, an id, an
 optional group (patient or lesion), the task description and, where the data ships one, the official split.

@@ -2,8 +2,8 @@
 
 CKA needs the same samples, in the same order, for every model: the loader never shuffles, uses the eval transform
 (resize -> centre crop -> normalise), and splits the samples into near-equal contiguous batches (so no batch is too
-small for the unbiased estimator: each holds at least ``batch_size`` samples). Its ``normalisation`` attribute says
-which mean/std were used; ``repsim.compare`` copies it into the result's attrs.
+small for the unbiased estimator: each holds at least ``batch_size`` samples; ``repsim.batches``, the one rule). Its
+``normalisation`` attribute says which mean/std were used; ``repsim.compare`` copies it into the result's attrs.
 """
 
 from __future__ import annotations
@@ -16,20 +16,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from repsim.batches import near_equal_batches
 from repsim.data.datasets import IMAGE_EXTS, DatasetInfo, ImageDataset, Source, with_channels
 from repsim.data.transforms import build_transform
 from repsim.inputs import per_channel
 
 Normalise = str | tuple[Sequence[float], Sequence[float]] | Any
-
-
-def near_equal_batches(n: int, batch_size: int) -> list[list[int]]:
-    """``max(1, n // batch_size)`` contiguous batches of near-equal size covering ``0..n-1``: none is smaller than
-    ``batch_size`` (unless ``n`` is), so no short last batch falls below the unbiased estimator's 4 samples."""
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"need at least one sample and a positive batch size, got n={n}, batch_size={batch_size}")
-    bounds = np.linspace(0, n, max(1, n // batch_size) + 1).round().astype(int)
-    return [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def bootstrap_batches(n: int, batch_size: int | None = None) -> list[list[int]]:
@@ -50,7 +42,7 @@ def _source(data: str, root: str | Path | None, split: str) -> tuple[Source, lis
     """The samples of ``data`` and the indices of ``split`` (all samples where the data has no split)."""
     from repsim.data.datasets import image_folder, medmnist_file
     from repsim.data.named import NAMED
-    from repsim.data.readers import load_source
+    from repsim.data.registry import load_source
 
     path = Path(data).expanduser()
     if data in NAMED:

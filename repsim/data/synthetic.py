@@ -9,6 +9,8 @@ in every worker, and needs no storage.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -68,3 +70,23 @@ class SyntheticPatterns(Dataset):
         mask = self._mask(self.classes[label], rng)
         img[:, mask] = colour[:, None] + rng.normal(0.0, 0.05, size=(3, int(mask.sum())))
         return torch.from_numpy(((img - 0.5) / 0.25).astype(np.float32)), label
+
+
+def write_image_folder(folder: str | Path, n: int, *, img_size: int, num_classes: int, seed: int) -> Path:
+    """Write ``n`` images of ``SyntheticPatterns`` as an image folder ``folder/<class>/<i>.png`` (once: a
+    ``.complete`` marker says it is whole), for the trainer's ``image_folder`` reader."""
+    from PIL import Image
+
+    from repsim.progress import tqdm
+
+    folder = Path(folder)
+    if (folder / ".complete").exists():
+        return folder
+    data = SyntheticPatterns(n, img_size=img_size, num_classes=num_classes, seed=seed)
+    for i in tqdm(range(len(data)), desc=f"writing {folder.name}", leave=False):
+        x, y = data[i]
+        pixels = ((x.numpy() * 0.25 + 0.5).clip(0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        (folder / data.classes[y]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / data.classes[y] / f"{i:05d}.png")
+    (folder / ".complete").write_text("")
+    return folder

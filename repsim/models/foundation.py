@@ -87,7 +87,7 @@ class SamBackbone(Backbone):
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, self.num_blocks - 1).mean((1, 2))
 
-    def _truncate(self, k: int) -> None:
+    def _keep_blocks(self, k: int) -> None:
         self.encoder.blocks = nn.ModuleList(list(self.encoder.blocks)[:k])
 
     def _resize_rules(self) -> dict[str, str]:
@@ -158,7 +158,7 @@ class BlipBackbone(Backbone):
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.vision.post_layernorm(self._run(x, self.num_blocks - 1)[:, 0])
 
-    def _truncate(self, k: int) -> None:
+    def _keep_blocks(self, k: int) -> None:
         self.vision.encoder.layers = nn.ModuleList(list(self.vision.encoder.layers)[:k])
 
     def _pooling_prefixes(self) -> tuple[str, ...]:
@@ -224,7 +224,7 @@ class OpenClipBackbone(Backbone):
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual(x)
 
-    def _truncate(self, k: int) -> None:
+    def _keep_blocks(self, k: int) -> None:
         self.visual.prune_intermediate_layers(indices=[k - 1], prune_norm=False, prune_head=False)
 
     def _pooling_prefixes(self) -> tuple[str, ...]:

@@ -67,7 +67,7 @@ class TimmBackbone(Backbone):
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
-    def _truncate(self, k: int) -> None:
+    def _keep_blocks(self, k: int) -> None:
         self.model.prune_intermediate_layers(indices=[k - 1], prune_norm=False, prune_head=False)
         if _pool_type(self.model) != self._global_pool:  # CNN pruning drops the pooling with the head: restore it
             self.model.reset_classifier(0, self._global_pool)
@@ -139,7 +139,7 @@ class EfficientNetStages(TimmBackbone):
                                                   extra_blocks=True)  # extra_blocks indices: 0 = stem, i+1 = stage i
         return out.flatten(2).transpose(1, 2)
 
-    def _truncate(self, k: int) -> None:
+    def _keep_blocks(self, k: int) -> None:
         self.model.prune_intermediate_layers(indices=[k], prune_norm=False, prune_head=False, extra_blocks=True)
         if _pool_type(self.model) != self._global_pool:
             self.model.reset_classifier(0, self._global_pool)
@@ -221,8 +221,8 @@ class SeemFocalNet(TimmBackbone):
         (out,) = self.model.forward_intermediates(x, indices=[last], stop_early=True, intermediates_only=True)
         return self.out_norms[last](out).mean((2, 3))
 
-    def _truncate(self, k: int) -> None:
-        super()._truncate(k)
+    def _keep_blocks(self, k: int) -> None:
+        super()._keep_blocks(k)
         for i in range(k, len(self.out_norms)):
             self.out_norms[i] = nn.Identity()
 

@@ -166,11 +166,11 @@ def create(
     """
     if pretrained and checkpoint is not None:
         raise ValueError("give pretrained=True or checkpoint=PATH, not both")
+    check_name(name)
     for arg, value in (("in_chans", in_chans), ("img_size", img_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg} must be a positive number ({'image channels' if arg == 'in_chans' else 'pixels'})"
                              f", got {value!r}")
-    check_name(name)
     entry = ZOO.get(name)
     build = functools.partial(
         entry.build if entry is not None else functools.partial(create_timm, name),
@@ -187,7 +187,7 @@ def create(
         else:
             backbone = build()
     if decapitate is not None:
-        backbone.truncate(decapitate)
+        backbone.keep_blocks(decapitate)
     if checkpoint is not None:
         backbone.load_checkpoint(checkpoint)
     return backbone

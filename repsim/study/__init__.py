@@ -9,30 +9,28 @@ a null reference (Fig 7), the stacked classifier before vs after (Fig A.1), last
 paired differences between starts with 95% CIs and flags for runs that did not train.
 
 ``run_study("natural", out, data_root=...)`` runs a preset (``PRESETS``); ``Study(settings, out).run()`` any
-``Settings``. Re-running resumes: finished runs and CKA files are reused. Modules: ``settings`` (what runs),
-``scheduler`` (runs in worker processes by dependency), ``pipeline`` (the plan and the stages), ``similarity``
-(CKA), ``stats``, ``outputs`` and ``figures``, ``demo`` (``repsim demo``).
+``Settings``. Re-running resumes: finished runs and CKA files are reused. The modules, in the one direction the
+study flows: ``settings`` (what runs) -> ``results`` (the result structures, numpy/xarray only) -> ``workspace``
+(paths, data blocks, backbones) -> ``scheduler`` (runs in worker processes by dependency) -> ``plan`` (the trainer
+experiments) -> ``similarity`` (CKA) -> ``stats``, ``figures``, ``outputs`` (tables, figures, ``study.json``) ->
+``pipeline`` (the stages in order) -> ``demo`` (``repsim demo``).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from repsim.lazy import lazy_exports
 from repsim.study.settings import PAPER_LR_GRID, PRESETS, SYNTHETIC, Settings, Start, settings_with
 
-_LAZY = {"Study": "repsim.study.pipeline", "resolved_config": "repsim.study.pipeline",
-         "diagonal": "repsim.study.similarity", "run_demo": "repsim.study.demo"}
+__getattr__, __dir__, _lazy = lazy_exports(__name__, {
+    "Study": "repsim.study.pipeline", "resolved_config": "repsim.study.plan", "Workspace": "repsim.study.workspace",
+    "same_block": "repsim.study.results", "run_demo": "repsim.study.demo"},
+    deprecated={"diagonal": "repsim.study.results:same_block"})
 
-__all__ = ["PAPER_LR_GRID", "PRESETS", "SYNTHETIC", "Settings", "Start", "run_study", "settings_with", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'repsim.study' has no attribute {name!r}")
+__all__ = ["PAPER_LR_GRID", "PRESETS", "SYNTHETIC", "Settings", "Start", "run_study", "settings_with", *_lazy]
 
 
 def run_study(settings: Settings | str, out: str | Path, *, data_root: str | Path | None = None, jobs: int = 1,

@@ -57,7 +57,7 @@ def run_demo(out: str | Path, *, data_root: str | Path | None = None, epochs: in
     from repsim.files import save_netcdf, save_png
     from repsim.plot import heatmap
     from repsim.study.pipeline import Study
-    from repsim.study.similarity import diagonal
+    from repsim.study.results import Comparison, same_block
 
     if data_root is not None and n_samples is not None:
         raise ValueError("n_samples sizes the synthetic tasks; it does not apply with a data root")
@@ -65,11 +65,11 @@ def run_demo(out: str | Path, *, data_root: str | Path | None = None, epochs: in
     study = Study(settings, out, data_root=data_root, jobs=jobs)
     study.run()
     first, (target,) = settings.starts[0].name, settings.targets
-    ds = study.cka_results[target][f"fig7/{first}/seed0"]
+    ds = study.cka_results[target][Comparison("fig7", first, seeds=(0,))]
     save_netcdf(ds, study.out / "cka.nc")
     save_png(heatmap(ds, annotate="ci", title=f"{settings.model} {first} start: blocks before vs after fine-tuning "
                                               f"on {target}"), study.out / "cka.png")
-    d = diagonal(ds)
+    d = same_block(ds)
     kind = "real MedMNIST" if data_root else "synthetic textures (built-in)"
     return "\n".join([(study.out / "tables.md").read_text(), f"data: {kind}; start: {first}",
                       "CKA(block k before, block k after fine-tuning) [95% CI]: " + "  ".join(

@@ -12,11 +12,10 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from repsim.study.pipeline import point_k
+from repsim.study.results import Matrices
 from repsim.study.settings import Settings, Start
-from repsim.study.similarity import diagonal
 
-Results = Mapping[str, Mapping[str, Mapping[str, dict]]]
+ByStart = Mapping[str, Mapping[str, Mapping[str, dict]]]
 
 
 def _axes(n: int, title: str, width: float = 4.2, height: float = 3.2) -> tuple[Figure, Any]:
@@ -25,7 +24,7 @@ def _axes(n: int, title: str, width: float = 4.2, height: float = 3.2) -> tuple[
     return fig, fig.subplots(1, n, squeeze=False)[0]
 
 
-def _targets(res: Results) -> list[str]:
+def _targets(res: ByStart) -> list[str]:
     return list(dict.fromkeys(t for by_t in res.values() for t in by_t))
 
 
@@ -41,7 +40,7 @@ def _colour(name: str, order: Sequence[str], spare: int = 0) -> str:
     return f"C{order.index(name) if name in order else len(order) + spare}"
 
 
-def transfer(ft: Results, starts: Sequence[Start]) -> Figure | None:
+def transfer(ft: ByStart, starts: Sequence[Start]) -> Figure | None:
     """Test metric per scenario, one marker per start: mean ± std and every seed as a dot."""
     targets = _targets(ft)
     if not targets:
@@ -69,7 +68,7 @@ def transfer(ft: Results, starts: Sequence[Start]) -> Figure | None:
     return fig
 
 
-def knn(knn_res: Results, sizes: Results, order: Sequence[str]) -> Figure | None:
+def knn(knn_res: ByStart, sizes: ByStart, order: Sequence[str]) -> Figure | None:
     """k-NN test metric of each start's frozen features (and of the size variants), per target."""
     targets = _targets(knn_res)
     if not targets:
@@ -86,7 +85,7 @@ def knn(knn_res: Results, sizes: Results, order: Sequence[str]) -> Figure | None
     return fig
 
 
-def curve(curves: Mapping[str, Any], ft: Results, name: str, order: Sequence[str]) -> Figure | None:
+def curve(curves: Mapping[str, Any], ft: ByStart, name: str, order: Sequence[str]) -> Figure | None:
     """Test metric against blocks frozen (Fig 4) or kept (Fig 5), per target: mean ± std over the curve's seeds."""
     if name not in curves:
         return None
@@ -99,9 +98,9 @@ def curve(curves: Mapping[str, Any], ft: Results, name: str, order: Sequence[str
         metric = ""
         for start, by_t in _in_order(by_start, order):
             for sc, points in by_t.get(t, {}).items():
-                ks = sorted(points, key=point_k)
+                ks = sorted(points)
                 metric = points[ks[0]]["metric"]
-                ax.errorbar([point_k(p) for p in ks], [points[p]["test"][metric]["mean"] for p in ks],
+                ax.errorbar(ks, [points[p]["test"][metric]["mean"] for p in ks],
                             yerr=[points[p]["test"][metric]["std"] for p in ks], marker="o", capsize=3,
                             color=_colour(start, order), label=f"{start} {sc}" if name == "decapitation" else start)
         scratch = ft.get("scratch", {}).get(t, {}).get("unfrozen-linear")
@@ -112,7 +111,7 @@ def curve(curves: Mapping[str, Any], ft: Results, name: str, order: Sequence[str
     return fig
 
 
-def sizes(size_res: Results, ft: Results, settings: Settings) -> Figure | None:
+def sizes(size_res: ByStart, ft: ByStart, settings: Settings) -> Figure | None:
     """Fig 6 analogue: frozen-scenario test metric against model size (the study's model first)."""
     if not size_res:
         return None
@@ -136,49 +135,25 @@ def sizes(size_res: Results, ft: Results, settings: Settings) -> Figure | None:
     return fig
 
 
-def diagonal_groups(mats: Mapping[str, xr.Dataset]) -> dict[str, tuple[list[float], list[float], list[float]]]:
-    """Same-block CKA rows for tables and plots: per start the mean over seeds with [min, max] over seeds, seed 0
-    with its bootstrap CI, and the null reference (mean, [min, max] over pairs of scratch seeds)."""
-    groups: dict[str, list[list[float]]] = {}
-    out: dict[str, tuple[list[float], list[float], list[float]]] = {}
-    for key, ds in mats.items():
-        if key.startswith("fig7/"):
-            _, start, seed = key.split("/")
-            groups.setdefault(start, []).append(diagonal(ds)["cka"])
-            if seed == "seed0":
-                d = diagonal(ds)
-                out[f"{start}, seed 0 [95% bootstrap CI]"] = (d["cka"], d["lower"], d["upper"])
-        elif key.startswith("null/"):
-            groups.setdefault("null", []).append(diagonal(ds)["cka"])
-    for name, rows in groups.items():
-        if name != "null" and len(rows) < 2:
-            continue  # one seed: its row with the bootstrap CI says it all
-        a = np.array(rows)
-        label = (f"null: scratch vs scratch, {len(rows)} pairs [min, max]" if name == "null"
-                 else f"{name}, mean of {len(rows)} seeds [min, max]")
-        out[label] = (a.mean(0).tolist(), a.min(0).tolist(), a.max(0).tolist())
-    return out
-
-
-def fig7_diagonal(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
+def fig7_diagonal(cka: Mapping[str, Matrices]) -> Figure | None:
     """CKA(block k before, block k after) against k per start (mean over seeds, band: min–max over seeds), with
     the null reference as a grey band: where a start's line sits in the band, fine-tuning changed that block as
     much as two unrelated trainings differ."""
     from repsim.plot import diagonal as plot_diagonal
 
-    targets = [t for t, m in cka.items() if any(k.startswith("fig7/") for k in m)]
+    targets = [t for t, m in cka.items() if any(c.figure == "fig7" for c in m)]
     if not targets:
         return None
-    has_null = any(k.startswith("null/") for t in targets for k in cka[t])
+    has_null = any(c.figure == "null" for t in targets for c in cka[t])
     fig, axes = _axes(len(targets), "Fig 7: same-block CKA before vs after fine-tuning (unfrozen-linear)" + (
         "; grey: two independently seeded scratch models (null reference)" if has_null else
         "; no null reference (it needs two scratch seeds)"), width=4.6)
     for ax, t in zip(axes, targets):
         starts: dict[str, list[xr.Dataset]] = {}
-        for key, ds in cka[t].items():
-            if key.startswith("fig7/"):
-                starts.setdefault(key.split("/")[1], []).append(ds)
-        nulls = [ds for key, ds in cka[t].items() if key.startswith("null/")]
+        for c, ds in cka[t].items():
+            if c.figure == "fig7":
+                starts.setdefault(c.start, []).append(ds)
+        nulls = [ds for c, ds in cka[t].items() if c.figure == "null"]
         plot_diagonal(starts, null=nulls or None, ax=ax, title=t)
     return fig
 
@@ -192,27 +167,27 @@ def _grid(panels: Sequence[tuple[str, xr.Dataset]], title: str, note: str, annot
                         title=f"{title} ({note})", annotate=annotate)
 
 
-def fig7(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
+def fig7(cka: Mapping[str, Matrices]) -> Figure | None:
     """Heatmaps of every block before vs after fine-tuning (seed 0), per target and start."""
-    panels = [(f"{t}: {k.split('/')[1]}", ds) for t, m in cka.items() for k, ds in m.items()
-              if k.startswith("fig7/") and k.endswith("seed0")]
+    panels = [(f"{t}: {c.start}", ds) for t, m in cka.items() for c, ds in m.items()
+              if c.figure == "fig7" and c.seeds == (0,)]
     return _grid(panels, "Fig 7: blocks before (rows) vs after (columns) fine-tuning", "colour: CKA; seed 0")
 
 
-def figA1(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
+def figA1(cka: Mapping[str, Matrices]) -> Figure | None:
     """The stacked classifier's blocks at initialisation vs fine-tuned, frozen and unfrozen backbone."""
-    panels = [(f"{t}: {k.split('/', 1)[1]}", ds) for t, m in cka.items() for k, ds in m.items()
-              if k.startswith("figA1/")]
+    panels = [(f"{t}: {c.start}/{c.scenario}", ds) for t, m in cka.items() for c, ds in m.items()
+              if c.figure == "figA1"]
     return _grid(panels, "Fig A.1: stacked classifier blocks before vs after", "colour: CKA")
 
 
-def fig8(cka: Mapping[str, Mapping[str, xr.Dataset]]) -> Figure | None:
+def fig8(cka: Mapping[str, Matrices]) -> Figure | None:
     """Last-block CKA across backbones, one panel per target."""
     panels = []
     for t, m in cka.items():
-        if "fig8" not in m:
+        ds = next((d for c, d in m.items() if c.figure == "fig8"), None)
+        if ds is None:
             continue
-        ds = m["fig8"]
         models = [str(x) for x in ds["model_a"].values]
         ds = ds.assign_coords(layer_a=models, layer_b=models).drop_vars(["model_a", "model_b", "module_a", "module_b"])
         panels.append((t, ds.assign_attrs(axis_a="backbone (last block)", axis_b="backbone (last block)")))

@@ -1,4 +1,5 @@
-"""The study's outputs: results grouped by start/target/scenario, ``tables.md``, the figures and ``study.json``."""
+"""The study's outputs: ``tables.md``, the figures and ``study.json``, from the organised results and the CKA
+matrices (no model code: redrawing a figure imports numpy, xarray and matplotlib only)."""
 
 from __future__ import annotations
 
@@ -6,72 +7,28 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
-
-import xarray as xr
+from pathlib import Path
+from typing import Any
 
 from repsim.files import save_png, write_text
 from repsim.study import figures
-from repsim.study.pipeline import first_seeds, point_k
-from repsim.study.similarity import cka_summary, diagonal
+from repsim.study.results import Matrices, Place, Results, cka_summary, diagonal_groups, same_block
+from repsim.study.settings import Settings
 from repsim.study.stats import comparisons, run_flags
 
-if TYPE_CHECKING:
-    from repsim.study.pipeline import Study
+Flags = Mapping[tuple[str, str, str], list]  # (start, target, scenario) -> the runs flagged by ``run_flags``
 
 FIG_DPI = 110  # small multi-panel PNGs
-
-
-def _nest(target: dict, keys: list[str], value: Any) -> None:
-    for k in keys[:-1]:
-        target = target.setdefault(k, {})
-    target[keys[-1]] = value
-
-
-def organise(study: Study, results: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
-    """Scheduler results as ``finetune[start][target][scenario]``, ``knn[start][target]``,
-    ``sizes[model][target][scenario|knn]``, ``curves[curve][start][target][scenario][point]`` (curve end points
-    reuse the full runs, restricted to the curve's seeds) and ``pretrain[source]``."""
-    s = study.settings
-    out: dict[str, Any] = {"finetune": {}, "knn": {}, "sizes": {}, "curves": {}, "pretrain": {}}
-    for key, res in results.items():
-        group, *rest = key.split("/")
-        if group in ("freezing", "decapitation"):
-            start, target, *point = rest
-            scenario = "unfrozen-linear" if group == "freezing" else point.pop(0)
-            _nest(out["curves"], [group, start, target, scenario, point[0]], res)
-        else:
-            _nest(out[group], rest, res)
-    order = {k: i for i, k in enumerate(f"{st.name}/{t}/{sc}" for st, t, sc in s.experiments())}
-    ft = sorted(((st, t, sc, r) for st, by_t in out["finetune"].items() for t, by_sc in by_t.items()
-                 for sc, r in by_sc.items()), key=lambda x: order.get(f"{x[0]}/{x[1]}/{x[2]}", len(order)))
-    out["finetune"] = {}
-    for st, t, sc, r in ft:
-        _nest(out["finetune"], [st, t, sc], r)
-    for curve, scenarios, end in (("freezing", ("unfrozen-linear",), ("freeze_blocks", 0)),
-                                  ("decapitation", s.decapitate_scenarios, ("decapitate", study.depth))):
-        if (s.freeze_blocks if curve == "freezing" else s.decapitate) == []:
-            continue
-        for start in s.curve_starts(curve):
-            for target in s.targets:
-                for sc in scenarios:
-                    point = out["curves"].setdefault(curve, {}).setdefault(start, {}).setdefault(target, {})
-                    point = point.setdefault(sc, {})
-                    point[f"{end[0]}{end[1]}"] = out["finetune"][start][target][sc]
-                    for name in point:
-                        point[name] = first_seeds(point[name], s.curve_seeds)
-    return out
 
 
 def _fmt(stat: Mapping[str, Any]) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
-def tables(study: Study, res: Mapping[str, Any], paired: list[dict], flags: Mapping[str, list],
-           cka: Mapping[str, Mapping[str, xr.Dataset]]) -> str:
+def tables(s: Settings, res: Results, paired: list[dict], flags: Flags, cka: Mapping[str, Matrices]) -> str:
     """``tables.md``: headline results with per-seed values, paired differences, LR search, k-NN, curves, sizes,
     CKA diagonals with the null reference, and the flagged runs."""
-    s, ft = study.settings, res["finetune"]
+    ft = res.finetune
     parts = [f"# Transfer study: {s.model} at {s.img_size} px", "",
              "Starts: " + "; ".join(f"**{st.name}** ({st.kind}{': ' + st.source if st.source else ''})"
                                     for st in s.starts), ""]
@@ -82,7 +39,7 @@ def tables(study: Study, res: Mapping[str, Any], paired: list[dict], flags: Mapp
         for t, by_sc in ft.get(st.name, {}).items():
             for sc, r in by_sc.items():
                 v = r["test"][r["metric"]]
-                n_flags = len(flags.get(f"{st.name}/{t}/{sc}", []))
+                n_flags = len(flags.get((st.name, t, sc), []))
                 parts.append(f"| {t} | {sc} | {st.name} | {r['metric']} | {_fmt(v)} | "
                              f"{', '.join(f'{x:.3f}' for x in v['values'])} | {r['lr']:g} | {n_flags or ''} |")
     if paired:
@@ -100,69 +57,68 @@ def tables(study: Study, res: Mapping[str, Any], paired: list[dict], flags: Mapp
                 parts.append(f"| {t} | {sc} | {st_name} | {vals} | {r['lr']:g} |")
     parts += ["", f"## k-NN on frozen features (Fig 2; k={s.knn['k']}, T={s.knn['temperature']}, test split)", "",
               "| Target | Features | metric | value |", "|---|---|---|---|"]
-    rows = [(t, name, r) for name, by_t in res["knn"].items() for t, r in by_t.items()]
-    rows += [(t, f"{m} (pretrained)", r["knn"]) for m, by_t in res["sizes"].items() for t, r in by_t.items()]
+    rows = [(t, name, r) for name, by_t in res.knn.items() for t, r in by_t.items()]
+    rows += [(t, f"{m} (pretrained)", r["knn"]) for m, by_t in res.sizes.items() for t, r in by_t.items()]
     parts += [f"| {t} | {name} | {r['metric']} | {r['test'][r['metric']]['mean']:.3f} |" for t, name, r in rows]
     for curve, what in (("freezing", "first k blocks frozen, linear head"), ("decapitation", "first k blocks kept")):
-        if curve in res["curves"]:
+        if curve in res.curves:
             parts += ["", f"## {'Fig 4' if curve == 'freezing' else 'Fig 5'}: {curve} ({what}; test metric, "
                       f"mean ± std over {s.curve_seeds} seed(s))", "", "| Start | Target | Scenario | k | metric |",
                       "|---|---|---|---|---|"]
-            for start, by_t in res["curves"][curve].items():
+            for start, by_t in res.curves[curve].items():
                 for t, by_sc in by_t.items():
                     for sc, points in by_sc.items():
-                        for point in sorted(points, key=point_k):
-                            r = points[point]
-                            parts.append(f"| {start} | {t} | {sc} | {point_k(point)} | {_fmt(r['test'][r['metric']])} "
+                        for k in sorted(points):
+                            r = points[k]
+                            parts.append(f"| {start} | {t} | {sc} | {k} | {_fmt(r['test'][r['metric']])} "
                                          f"{r['metric']} |")
-    if res["sizes"]:
+    if res.sizes:
         parts += ["", "## Fig 6: model size (pretrained, frozen; test metric mean ± std over seeds)", "",
                   "| Model | Target | Scenario | metric |", "|---|---|---|---|"]
         parts += [f"| {m} | {t} | {sc} | {_fmt(r['test'][r['metric']])} {r['metric']} |"
-                  for m, by_t in res["sizes"].items() for t, by_sc in by_t.items() for sc, r in by_sc.items()
+                  for m, by_t in res.sizes.items() for t, by_sc in by_t.items() for sc, r in by_sc.items()
                   if sc != "knn"]
     parts += ["", "## Fig 7: CKA(block k before, block k after fine-tuning), unfrozen-linear", "",
               "Per seed the start and the fine-tuned model of that seed; seed 0's 95% bootstrap CI over batches. "
               "Null reference: two independently seeded from-scratch models after training (mean, [min, max] over "
               "pairs).", "", "| Target | Compared | block 0 … last |", "|---|---|---|"]
     for t, mats in cka.items():
-        for label, diag in figures.diagonal_groups(mats).items():
+        for label, diag in diagonal_groups(mats).items():
             cells = ", ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(*diag))
             parts.append(f"| {t} | {label} | {cells} |")
     parts += ["", "## Flagged runs", ""]
-    flat = [(exp, f) for exp, fl in flags.items() for f in fl]
+    flat = [("/".join(exp), f) for exp, fl in flags.items() for f in fl]
     parts += [f"- `{exp}` lr {f['lr']:g} seed {f['seed']}: {'; '.join(f['reasons'])}" for exp, f in flat] or ["none"]
     return "\n".join(parts) + "\n"
 
 
-def write_outputs(study: Study, results: Mapping[str, dict[str, Any]],
-                  cka: Mapping[str, Mapping[str, xr.Dataset]]) -> dict[str, Any]:
-    """Write ``tables.md``, the figures and ``study.json``; return the summary."""
-    s, out = study.settings, study.out
-    res = organise(study, results)
-    paired = comparisons(res["finetune"], s.starts[0].name)
-    flags = {f"{st}/{t}/{sc}": run_flags(out / "finetune" / st / t / sc)
-             for st, by_t in res["finetune"].items() for t, by_sc in by_t.items() for sc in by_sc}
+def write_outputs(s: Settings, out: Path, depth: int, timings: Mapping[str, float], res: Results,
+                  cka: Mapping[str, Matrices]) -> dict[str, Any]:
+    """Write ``tables.md``, the figures and ``study.json`` into ``out``; return the summary."""
+    paired = comparisons(res.finetune, s.starts[0].name)
+    flags = {(st, t, sc): run_flags(out.joinpath(*Place("finetune", st, t, sc).parts()))
+             for st, by_t in res.finetune.items() for t, by_sc in by_t.items() for sc in by_sc}
     flags = {k: v for k, v in flags.items() if v}
     order = [st.name for st in s.starts]
     made = {
-        "fig_transfer": figures.transfer(res["finetune"], s.starts),
-        "fig2_knn": figures.knn(res["knn"], res["sizes"], order),
+        "fig_transfer": figures.transfer(res.finetune, s.starts),
+        "fig2_knn": figures.knn(res.knn, res.sizes, order),
         "fig7_cka_before_after": figures.fig7(cka),
         "fig7_diagonal": figures.fig7_diagonal(cka),
         "figA1_stacked_classifier": figures.figA1(cka),
         "fig8_last_block": figures.fig8(cka),
-        "fig4_freezing": figures.curve(res["curves"], res["finetune"], "freezing", order),
-        "fig5_decapitation": figures.curve(res["curves"], res["finetune"], "decapitation", order),
-        "fig6_sizes": figures.sizes(res["sizes"], res["finetune"], s),
+        "fig4_freezing": figures.curve(res.curves, res.finetune, "freezing", order),
+        "fig5_decapitation": figures.curve(res.curves, res.finetune, "decapitation", order),
+        "fig6_sizes": figures.sizes(res.sizes, res.finetune, s),
     }
     names = {k: save_png(fig, out / f"{k}.png", dpi=FIG_DPI).name for k, fig in made.items() if fig is not None}
-    write_text(out / "tables.md", tables(study, res, paired, flags, cka))
+    write_text(out / "tables.md", tables(s, res, paired, flags, cka))
     summary = {
         "settings": asdict(s), "label": f"{s.model} from {', '.join(st.name for st in s.starts)}",
-        "depth": study.depth, "timings_s": study.timings, "figures": names, **res, "paired": paired, "flags": flags,
-        "cka": {t: {k: cka_summary(v) for k, v in m.items()} for t, m in cka.items()},
-        "fig7_diagonals": {t: {k: diagonal(v) for k, v in m.items() if k.startswith(("fig7/", "null/"))}
+        "depth": depth, "timings_s": timings, "figures": names, **res.as_json(), "paired": paired,
+        "flags": {"/".join(k): v for k, v in flags.items()},
+        "cka": {t: {str(c): cka_summary(v) for c, v in m.items()} for t, m in cka.items()},
+        "fig7_diagonals": {t: {str(c): same_block(v) for c, v in m.items() if c.figure in ("fig7", "null")}
                            for t, m in cka.items()},
     }
     write_text(out / "study.json", json.dumps(summary, indent=2, default=float))

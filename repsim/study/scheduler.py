@@ -12,7 +12,7 @@ import copy
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from repsim.lazy import lazy_exports
 from repsim.progress import tqdm
 from repsim.train.runner import choose_lr
 
@@ -29,17 +30,18 @@ from repsim.train.runner import choose_lr
 class Experiment:
     """One trainer experiment of a study.
 
-    ``kind`` "train" (LR search + seeds, ``repsim.train.run_experiment``) or "knn" (one k-NN evaluation).
+    ``key`` names it (any hashable: the study's ``Place``). ``kind`` "train" (LR search + seeds,
+    ``repsim.train.run_experiment``) or "knn" (one k-NN evaluation).
     ``after``: keys of experiments that must finish first; ``lr_from``: the key whose chosen LR this experiment
     trains at (instead of its own grid). ``cost`` orders submission (larger first).
     """
 
-    key: str
+    key: Hashable
     cfg: dict[str, Any]
     folder: Path
     kind: str = "train"
-    after: tuple[str, ...] = ()
-    lr_from: str | None = None
+    after: tuple[Hashable, ...] = ()
+    lr_from: Hashable | None = None
     cost: float = 0.0
     # filled while running
     lr: float | None = None
@@ -58,6 +60,8 @@ class Experiment:
         seeds = int(self.cfg["train"]["seeds"])
         return seeds if self.lr_from or len(self.grid) == 1 else len(self.grid) + seeds - 1
 
+__getattr__, __dir__, _ = lazy_exports(__name__, {}, deprecated={"Pool": "repsim.study.scheduler:Workers"})
+
 
 def _init_worker(threads: int) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,17 +78,18 @@ def _knn_run(cfg: dict[str, Any], folder: str, data_root: str | None) -> dict[st
     import json
 
     from repsim.train.runner import run_knn
+    from repsim.train.runs import ExperimentFiles
 
-    done = Path(folder) / "knn.json"
+    done = ExperimentFiles(folder).knn
     return json.loads(done.read_text()) if done.exists() else run_knn(cfg, Path(folder), data_root=data_root)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM handler of a process with workers: stop as SIGINT does, so ``Pool.close`` ends the workers."""
+    """SIGTERM handler of a process with workers: stop as SIGINT does, so ``Workers.close`` ends the workers."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-class Pool:
+class Workers:
     """``jobs`` worker processes of ``threads`` torch threads each, or this process when ``jobs == 1``. Tiny models
     gain little from intra-op threads and lose badly to them on a busy machine, so processes beat threads.
 
@@ -129,7 +134,7 @@ class Pool:
 class Scheduler:
     """Runs experiments in a pool; ``run`` returns ``{key: results}`` (``results.json`` / ``knn.json`` contents)."""
 
-    def __init__(self, pool: Pool, data_root: str | None) -> None:
+    def __init__(self, pool: Workers, data_root: str | None) -> None:
         self.pool, self.data_root = pool, data_root
         self.owner: dict[Future, tuple[Experiment, float | None]] = {}
 
@@ -144,7 +149,7 @@ class Scheduler:
                 exp.pending.add(fut)
                 self.owner[fut] = (exp, lr if len(lrs) > 1 else None)
 
-    def _start(self, exp: Experiment, done: Mapping[str, Experiment]) -> None:
+    def _start(self, exp: Experiment, done: Mapping[Hashable, Experiment]) -> None:
         if exp.kind == "knn":
             fut = self.pool.submit(_knn_run, exp.cfg, str(exp.folder), self.data_root)
             exp.pending.add(fut)
@@ -172,16 +177,16 @@ class Scheduler:
             cfg["train"].update(lr=exp.lr, lr_grid=None)
         return run_experiment(cfg, exp.folder, data_root=self.data_root, resume=True, progress=False)
 
-    def run(self, experiments: Sequence[Experiment], desc: str = "runs") -> dict[str, dict[str, Any]]:
+    def run(self, experiments: Sequence[Experiment], desc: str = "runs") -> dict[Any, dict[str, Any]]:
         """Run every experiment (each after its dependencies); errors in a run stop the study."""
         keys = {e.key for e in experiments}
-        unknown = sorted({d for e in experiments for d in (*e.after, *([e.lr_from] if e.lr_from else []))
+        unknown = sorted({str(d) for e in experiments for d in (*e.after, *([e.lr_from] if e.lr_from else []))
                           if d not in keys})
         if unknown:
             raise ValueError(f"experiments depend on unknown experiments {unknown}")
         waiting = sorted(experiments, key=lambda e: -e.cost)
-        done: dict[str, Experiment] = {}
-        results: dict[str, dict[str, Any]] = {}
+        done: dict[Hashable, Experiment] = {}
+        results: dict[Any, dict[str, Any]] = {}
         with tqdm(total=sum(e.runs() for e in experiments), desc=desc, unit="run") as bar:
             while waiting or self.owner:
                 ready = [e for e in waiting if all(d in done for d in (*e.after, *([e.lr_from] if e.lr_from else [])))]
@@ -190,7 +195,7 @@ class Scheduler:
                     self._start(exp, done)
                 if not self.owner:
                     if waiting:  # nothing runs and nothing can start: a dependency cycle
-                        raise ValueError(f"experiments wait on each other: {[e.key for e in waiting]}")
+                        raise ValueError(f"experiments wait on each other: {[str(e.key) for e in waiting]}")
                     break
                 finished, _ = wait(list(self.owner), return_when=FIRST_COMPLETED)
                 for fut in finished:
@@ -198,7 +203,7 @@ class Scheduler:
                     exp.pending.discard(fut)
                     summary = fut.result()  # re-raises a worker's error
                     bar.update()
-                    bar.set_postfix_str(exp.key, refresh=False)
+                    bar.set_postfix_str(str(exp.key), refresh=False)
                     if search_lr is not None:
                         exp.search[f"{search_lr:g}"] = summary["val"][summary["metric"]]
                     if exp.pending:

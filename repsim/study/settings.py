@@ -1,17 +1,17 @@
 """What a transfer study runs: its starts (ways to initialise the backbone), targets, scenarios and protocol, and the
-named presets (``natural``, ``full``, ``demo``, ``paper``, ``tiny``)."""
+named presets (``natural``, ``full``, ``paper``, ``tiny``; ``repsim demo`` builds its own settings in
+``repsim.study.demo``)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from repsim.data.named import NAMED
-from repsim.types import SCENARIOS
+from repsim.types import SCENARIOS, check_slug
 
 DATASETS = NAMED  # datasets a study can use by name (trainer data blocks, roots relative to the data root)
 # Built-in synthetic tasks (repsim.data.synthetic), written once as image folders under <out>/data (random
@@ -112,9 +112,7 @@ class Settings:
             raise ValueError(f"start names must be unique, got {names}")
         known = [*DATASETS, *SYNTHETIC]
         for s in self.starts:
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.name):
-                raise ValueError(f"start name {s.name!r} must be a slug (letters, digits, '.', '_', '-'): it names a "
-                                 "folder")
+            check_slug(s.name, "start name")
             if s.kind not in START_KINDS:
                 raise ValueError(f"start {s.name!r}: kind must be one of {START_KINDS}, got {s.kind!r}")
             if (s.kind == "source") != (s.source is not None):

@@ -9,62 +9,38 @@ import functools
 import itertools
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 import xarray as xr
 from torch import nn
 
 from repsim.files import load_netcdf, save_netcdf
+from repsim.inputs import Stats, renormaliser
+from repsim.study.results import Comparison, Place
+from repsim.study.workspace import Workspace
 from repsim.train.runs import find_runs, load_run
 from repsim.types import STACKED
 
-if TYPE_CHECKING:
-    from repsim.study.pipeline import Study
-
 
 class Renormalised(nn.Module):
-    """``backbone`` fed inputs normalised for another model: undoes ``source`` mean/std, applies ``target``'s, so
-    models that expect different normalisations read the same loader (Fig 8 across architectures)."""
+    """``backbone`` fed inputs normalised for another model (``repsim.inputs.renormaliser`` from ``source`` to the
+    backbone's own ``input_mean``/``input_std``), so models that expect different normalisations read the same loader
+    (Fig 8 across architectures)."""
 
-    scale: torch.Tensor
-    shift: torch.Tensor
-
-    def __init__(self, backbone: nn.Module, source: tuple[list[float], list[float]],
-                 target: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
+    def __init__(self, backbone: nn.Module, source: Stats) -> None:
         super().__init__()
         self.backbone = backbone
-        mean_s, std_s, mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
-                                        for v in (*source, *target))
-        self.register_buffer("scale", std_s / std_t)  # x * std_s + mean_s is the pixel; normalise it for target
-        self.register_buffer("shift", (mean_s - mean_t) / std_t)
+        target = (tuple(backbone.input_mean), tuple(backbone.input_std))  # type: ignore[arg-type]
+        self.renormalise = renormaliser(source, target, len(source[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x * self.scale + self.shift)
+        return self.backbone(x if self.renormalise is None else self.renormalise(x))
 
     def layer_names(self) -> list[str]:
         from repsim.compare import default_layers
 
         return [f"backbone.{n}" for n in default_layers(self.backbone)]  # the backbone's layer_names()
-
-
-def diagonal(ds: xr.Dataset) -> dict[str, list[float]]:
-    """CKA(block k of a, block k of b) with its bootstrap CI: ``{"cka", "lower", "upper"}`` lists over k."""
-    return {v: [float(x) for x in np.diagonal(ds[v].values)] for v in ("cka", "lower", "upper") if v in ds}
-
-
-def cka_summary(ds: xr.Dataset) -> dict[str, Any]:
-    """JSON numbers of a CKA result: the matrix, its diagonal with CIs, the mean CI width, the early/late means."""
-    out: dict[str, Any] = {"layers_a": [str(x) for x in ds["layer_a"].values],
-                           "layers_b": [str(x) for x in ds["layer_b"].values],
-                           "cka": np.round(ds["cka"].values, 4).tolist()}
-    if "lower" in ds and ds.sizes["layer_a"] == ds.sizes["layer_b"]:
-        d = diagonal(ds)
-        half = len(d["cka"]) // 2
-        out.update(diagonal=d, mean_ci_width=float((ds["upper"] - ds["lower"]).mean()),
-                   early_mean=float(np.mean(d["cka"][:max(half, 1)])), late_mean=float(np.mean(d["cka"][half:])))
-    return out
 
 
 def _cached(path: Path, make: Callable[[], xr.Dataset], **attrs: Any) -> xr.Dataset:
@@ -73,33 +49,32 @@ def _cached(path: Path, make: Callable[[], xr.Dataset], **attrs: Any) -> xr.Data
     return load_netcdf(path)
 
 
-def study_cka(study: Study, results: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, xr.Dataset]]:
-    """``{target: {name: Dataset}}``; names ``fig7/<start>/seed<k>``, ``null/seed<i>-<j>``,
-    ``figA1/<start>/<scenario>`` and ``fig8``."""
+def study_cka(ws: Workspace, finetune: Mapping[str, Any]) -> dict[str, dict[Comparison, xr.Dataset]]:
+    """``{target: {Comparison: Dataset}}`` for every target fine-tuned; ``finetune[start][target][scenario]`` are the
+    fine-tuning results (the chosen LR of each)."""
     from repsim.compare import Bootstrap
     from repsim.train.utils import pick_device
 
-    device = pick_device(study.device)
-    kw: dict[str, Any] = {"device": device, "bootstrap": Bootstrap(study.settings.n_boot), "progress": False}
-    targets = list(dict.fromkeys(t for _, t, _ in study.settings.experiments()))
-    return {t: _target_matrices(study, results, t, kw) for t in targets}
+    kw: dict[str, Any] = {"device": pick_device(ws.device), "bootstrap": Bootstrap(ws.settings.n_boot),
+                          "progress": False}
+    targets = list(dict.fromkeys(t for _, t, _ in ws.settings.experiments()))
+    return {t: _target_matrices(ws, finetune, t, kw) for t in targets}
 
 
-def _target_matrices(study: Study, results: Mapping[str, dict[str, Any]], target: str,
-                     kw: dict[str, Any]) -> dict[str, xr.Dataset]:
+def _target_matrices(ws: Workspace, finetune: Mapping[str, Any], target: str,
+                     kw: dict[str, Any]) -> dict[Comparison, xr.Dataset]:
     """Every CKA matrix of one target, on its test split (computed once, then read from ``cka/<target>/``)."""
     from repsim.compare import compare, compare_many, default_layers
     from repsim.data import bootstrap_batches, prepare
 
-    s, folder = study.settings, study.out / "cka" / target
-    test = prepare(study.data_block(target), study.data_root).datasets["test"]
+    s = ws.settings
+    test = prepare(ws.data_block(target), ws.data_root).datasets["test"]
     loader = torch.utils.data.DataLoader(test, batch_sampler=bootstrap_batches(len(test), s.cka_batch_size))
     scratch = next((st.name for st in s.starts if st.kind == "scratch"), None)
 
     def runs(start: str, scenario: str) -> list[Path]:
-        key = f"finetune/{start}/{target}/{scenario}"
-        return find_runs(study.out / "finetune" / start / target / scenario, results[key]["lr"]) if key in results \
-            else []
+        res = finetune.get(start, {}).get(target, {}).get(scenario)
+        return [] if res is None else find_runs(ws.folder(Place("finetune", start, target, scenario)), res["lr"])
 
     def before_after(run: Path, part: str = "backbone") -> xr.Dataset:
         before, after = load_run(run, "init", part), load_run(run, "best", part)  # type: ignore[arg-type]
@@ -118,25 +93,27 @@ def _target_matrices(study: Study, results: Mapping[str, dict[str, Any]], target
                 models[f"{st.name} start"] = load_run(found[0], "init")
                 models[f"{st.name} fine-tuned"] = load_run(found[0], "best")
         for name in s.fig8_models:
-            other = study.backbone(model=name, pretrained=True).eval()
-            models[name] = other if study.norm is None else Renormalised(
-                other, study.norm, (other.input_mean, other.input_std))
+            other = ws.backbone(model=name, pretrained=True).eval()
+            models[name] = other if ws.norm is None else Renormalised(other, (tuple(ws.norm[0]), tuple(ws.norm[1])))
         last = {k: [m.layer_names()[-1]] for k, m in models.items()}  # type: ignore[operator]
         return compare_many(models, loader, layers=last, device=kw["device"], progress=False)
 
-    mats: dict[str, xr.Dataset] = {}
+    def cached(c: Comparison, make: Callable[[], xr.Dataset], **attrs: Any) -> xr.Dataset:
+        return _cached(ws.cka_file(target, c), make, **attrs)
+
+    mats: dict[Comparison, xr.Dataset] = {}
     for st in s.starts:
         for seed, run in enumerate(runs(st.name, "unfrozen-linear")[:s.cka_seeds]):
-            mats[f"fig7/{st.name}/seed{seed}"] = _cached(
-                folder / f"fig7_{st.name}_seed{seed}.nc", functools.partial(before_after, run), run=str(run))
+            c = Comparison("fig7", st.name, seeds=(seed,))
+            mats[c] = cached(c, functools.partial(before_after, run), run=str(run))
     trained = runs(scratch, "unfrozen-linear") if scratch else []
     for (i, a), (j, b) in itertools.combinations(enumerate(trained), 2):
-        mats[f"null/seed{i}-{j}"] = _cached(folder / f"null_seed{i}-{j}.nc", functools.partial(
-            between, a, b, (f"scratch seed {i}", f"scratch seed {j}")))
+        c = Comparison("null", seeds=(i, j))
+        mats[c] = cached(c, functools.partial(between, a, b, (f"scratch seed {i}", f"scratch seed {j}")))
     stacked = next((st.name for st in s.starts if any(runs(st.name, sc) for sc in STACKED)), None)
     for sc in STACKED if stacked else ():
         for run in runs(stacked or "", sc)[:1]:
-            mats[f"figA1/{stacked}/{sc}"] = _cached(folder / f"figA1_{stacked}_{sc}.nc",
-                                                    functools.partial(before_after, run, "classifier"), run=str(run))
-    mats["fig8"] = _cached(folder / "fig8_last_block.nc", fig8)
+            c = Comparison("figA1", stacked or "", sc)
+            mats[c] = cached(c, functools.partial(before_after, run, "classifier"), run=str(run))
+    mats[Comparison("fig8")] = cached(Comparison("fig8"), fig8)
     return mats

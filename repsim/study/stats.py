@@ -3,14 +3,14 @@ the flags that say when a run did not train properly (best epoch the first, stil
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
+
+from repsim.train.runs import RunFiles, find_runs
 
 # metrics at or below these values mean a classifier no better than chance
 CHANCE = {"auc": 0.55, "kappa": 0.05, "balanced_accuracy": None, "accuracy": None}
@@ -56,9 +56,9 @@ def comparisons(finetune: Mapping[str, Mapping[str, Mapping[str, dict]]], first:
 def run_flags(folder: Path) -> list[dict[str, Any]]:
     """Every finished run under an experiment folder whose training looks wrong, with the reasons."""
     flagged = []
-    for path in sorted(folder.rglob("summary.json")):
-        s = json.loads(path.read_text())
-        epochs = yaml.safe_load((path.parent / "config.yaml").read_text())["train"]["epochs"]
+    for run in sorted(find_runs(folder)):  # path order
+        files = RunFiles(run)
+        s, epochs = files.read_summary(), files.read_config()["train"]["epochs"]
         reasons = []
         if s["best_epoch"] == 0 and s["epochs_run"] > 1:
             reasons.append("best validation epoch is the first")
@@ -68,5 +68,5 @@ def run_flags(folder: Path) -> list[dict[str, Any]]:
         if floor is not None and not s["test"][s["metric"]] > floor:
             reasons.append(f"test {s['metric']} {s['test'][s['metric']]:.3f} at chance level")
         if reasons:
-            flagged.append({"run": str(path.parent), "lr": s["lr"], "seed": s["seed"], "reasons": reasons})
+            flagged.append({"run": str(run), "lr": s["lr"], "seed": s["seed"], "reasons": reasons})
     return flagged

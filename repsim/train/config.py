@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from repsim.types import SCENARIOS
+from repsim.types import SCENARIOS, check_slug
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -64,9 +64,6 @@ DEFAULTS: dict[str, Any] = {
 
 KINDS = ("train", "knn")
 BLOCKS = ("data", "model", "train", "knn")
-# a name that becomes a folder under --out: no separators, no "..", not absolute, not hidden
-SLUG = re.compile(r"[A-Za-z0-9_+=][A-Za-z0-9._+=-]*")
-SLUG_RULE = "letters, digits and . _ - + = only, not starting with . or -"
 _SCIENTIFIC = re.compile(r"[-+]?\d*\.?\d+[eE][-+]?\d+")
 
 
@@ -120,13 +117,6 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
-
-
-def check_slug(name: Any, what: str) -> str:
-    """``name`` if it can name a folder under the output folder (see ``SLUG_RULE``), else a ValueError."""
-    if not isinstance(name, str) or not SLUG.fullmatch(name):
-        raise ValueError(f"{what} {name!r} cannot name an output folder: use {SLUG_RULE}")
-    return name
 
 
 def spec_path(name: str | Path) -> Path:

@@ -25,12 +25,12 @@ import torch
 import yaml
 
 from repsim.data import prepare
-from repsim.files import read_json, write_text
+from repsim.files import write_text
 from repsim.knn import knn_evaluate
 from repsim.threads import kept_threads
 from repsim.train.config import check_slug, expand, load_spec, parse_overrides
 from repsim.train.loop import train
-from repsim.train.runs import check_run_paths, run_dir
+from repsim.train.runs import ExperimentFiles, RunFiles, check_run_paths, run_dir
 from repsim.train.utils import build_model, check_same_config, describe_weights, distributed, pick_device
 
 
@@ -38,9 +38,10 @@ def train_or_reuse(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | N
                    progress: bool = False) -> dict[str, Any]:
     """The summary of the run of ``cfg`` in ``run_dir``: read when the run has finished, else trained (resumed)."""
     check_run_paths(run_dir)
-    if (run_dir / "summary.json").exists():
+    files = RunFiles(run_dir)
+    if files.finished():
         check_same_config(cfg, run_dir)
-        return read_json(run_dir / "summary.json")
+        return files.read_summary()
     with kept_threads():  # train() picks the threads for its model; the caller's count comes back
         return train(cfg, run_dir, data_root=data_root, resume=resume, progress=progress)
 
@@ -90,8 +91,8 @@ def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path 
                "iterations_to_best": stats([s["iterations_to_best"] for s in summaries]),
                "inference_ms_per_image": stats([s["inference_ms_per_image"] for s in summaries])}
     if distributed()[0] == 0:
-        _warn_if_replacing(exp_dir / "results.json", results)
-        write_text(exp_dir / "results.json", json.dumps(results, indent=2))
+        _warn_if_replacing(ExperimentFiles(exp_dir).results, results)
+        write_text(ExperimentFiles(exp_dir).results, json.dumps(results, indent=2))
     return results
 
 
@@ -130,15 +131,15 @@ def run_knn(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None 
               "metric": cfg["train"]["metric"] or data.info.metric, "k": kc["k"], "temperature": kc["temperature"],
               "img_size": record["img_size"], "test": {k: stats([v]) for k, v in metrics.items()}}
     exp_dir.mkdir(parents=True, exist_ok=True)
-    write_text(exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    write_text(exp_dir / "knn.json", json.dumps(result, indent=2))
+    write_text(ExperimentFiles(exp_dir).config, yaml.safe_dump(cfg, sort_keys=False))
+    write_text(ExperimentFiles(exp_dir).knn, json.dumps(result, indent=2))
     return result
 
 
 def check_inputs(cfg: dict[str, Any], data_root: str | Path | None) -> None:
     """One-line errors, before anything is built or read, for what a resolved config names: its data (dataset,
     keys, root), its model name and its checkpoint file."""
-    from repsim.data.spec import check_data_block
+    from repsim.data.preparation import check_data_block
     from repsim.models import check_name
 
     try:

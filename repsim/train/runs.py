@@ -1,12 +1,18 @@
-"""The run-folder layout of the trainer, owned here: where a run goes, how to find runs, how to load one back.
+"""The run-folder layout of the trainer, owned here: its file names (``RunFiles``, ``ExperimentFiles``), where a run
+goes, how to find runs, how to load one back. No other module spells these names.
 
-    <experiment>/lr<lr>/seed<k>/       one run (``repsim.train.loop.train``)
-        config.yaml  model.json  split.json  metrics.jsonl  summary.json
-        backbone_init.pt  backbone_best.pt           plain Backbone state dicts
-        checkpoints/best.pt                          the whole classifier at its best validation epoch
+    <experiment>/lr<lr>/seed<k>/       one run (``repsim.train.loop.train``; ``RunFiles``)
+        config.yaml                                  the resolved config
+        model.json                                   {name, kwargs, img_size, in_chans, scenario, num_classes, ...}
+        split.json                                   the sample ids of train/val/test
+        metrics.jsonl                                one JSON per epoch
+        summary.json                                 test metrics of the best checkpoint, best epoch, lr, seed, ...
+        backbone_init.pt  backbone_best.pt           plain Backbone state dicts (``repsim.models.create(checkpoint=)``)
         checkpoints/init.pt                          its head / stacked classifier before training
+        checkpoints/best.pt                          the whole classifier at its best validation epoch
         checkpoints/last.pt                          resume state (removed once the run has finished)
-    <experiment>/results.json          LR search and mean ± std over seeds (``run_experiment``)
+    <experiment>/results.json          LR search and mean ± std over seeds (``run_experiment``; ``ExperimentFiles``)
+    <experiment>/knn.json              k-NN metrics (kind ``knn``), beside its ``config.yaml``
 
     <pretrain run>/                    one self-supervised run (``repsim.train.pretrain.pretrain``)
         config.yaml  model.json  split.json  metrics.jsonl  summary.json
@@ -20,22 +26,130 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-if TYPE_CHECKING:  # torch is imported by the loaders only: checking a run folder stays quick
+if TYPE_CHECKING:  # torch is imported by the loaders only: checking a run folder stays instant
     from torch import nn
 
 from repsim.files import inside, load_state, load_torch, read_json
 
-# every path a run reads or writes, relative to its folder
-RUN_FILES = (".lock", "config.yaml", "model.json", "split.json", "metrics.jsonl", "summary.json", "backbone_init.pt",
-             "backbone_best.pt", "checkpoints", "checkpoints/best.pt", "checkpoints/init.pt", "checkpoints/last.pt")
-
 COLLAPSED = "collapsed.json"  # written by a pretraining run that collapsed: it is never a usable start
+
+Stage = Literal["init", "best"]
+
+
+class RunFiles:
+    """The files of one run folder ``path`` (the layout above), each named here once, and their readers."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model.json"
+
+    @property
+    def split(self) -> Path:
+        return self.path / "split.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def lock(self) -> Path:
+        """The lock file the trainer's main process holds while it writes the run."""
+        return self.path / ".lock"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def backbone(self, which: Stage) -> Path:
+        """The plain Backbone state dict at initialisation or at the best validation epoch."""
+        return self.path / f"backbone_{which}.pt"
+
+    def checkpoint(self, which: Literal["init", "best", "last"]) -> Path:
+        """``init``: the head before training; ``best``: the whole classifier; ``last``: the resume state."""
+        return self.checkpoints / f"{which}.pt"
+
+    def finished(self) -> bool:
+        """Whether the run has finished (it has its summary)."""
+        return self.summary.is_file()
+
+    def all_paths(self) -> list[Path]:
+        """Every path the run reads or writes (``check_run_paths`` refuses any that leads outside the run)."""
+        return [self.lock, self.config, self.model, self.split, self.metrics, self.summary, self.backbone("init"),
+                self.backbone("best"), self.checkpoints, *(self.checkpoint(w) for w in ("best", "init", "last"))]
+
+    def read_summary(self) -> dict[str, Any]:
+        return read_json(self.summary)
+
+    def read_model(self) -> dict[str, Any]:
+        return read_json(self.model)
+
+    def read_config(self) -> dict[str, Any]:
+        """The resolved config (empty when the run has none)."""
+        import yaml
+
+        return (yaml.safe_load(self.config.read_text()) or {}) if self.config.is_file() else {}
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """One dict per finished epoch (empty before the first); a line that is not JSON raises one line naming it."""
+        if not self.metrics.is_file():
+            return []
+        rows = []
+        for number, line in enumerate(self.metrics.read_text().splitlines(), 1):
+            try:
+                if line.strip():
+                    rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.metrics} line {number} is not valid JSON ({err}; a line cut short by a "
+                                 "crash?); resume the run (--resume) to rewrite it, or remove the line") from None
+        return rows
+
+
+class ExperimentFiles:
+    """The files of one experiment folder ``path``: ``results.json`` (trainer) or ``knn.json`` (k-NN) and the
+    k-NN evaluation's ``config.yaml``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def knn(self) -> Path:
+        return self.path / "knn.json"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+
+# what ``repsim table`` reads
+RESULT_FILES = (ExperimentFiles(".").results.name, ExperimentFiles(".").knn.name)
 
 
 def run_dir(exp_dir: str | Path, lr: float, seed: int) -> Path:
@@ -46,15 +160,21 @@ def run_dir(exp_dir: str | Path, lr: float, seed: int) -> Path:
 
 def check_run_paths(run: str | Path) -> None:
     """Refuse a run folder where any file of the run resolves outside it (a planted symbolic link)."""
-    for name in RUN_FILES:
-        inside(Path(run) / name, run)
+    for path in RunFiles(run).all_paths():
+        inside(path, run)
+
+
+def experiment_of(run: str | Path) -> Path | None:
+    """The experiment folder of a run laid out as ``<experiment>/lr<lr>/seed<k>`` (``run_dir``), else None."""
+    run = Path(run)
+    return run.parent.parent if run.name.startswith("seed") and run.parent.name.startswith("lr") else None
 
 
 def find_runs(exp_dir: str | Path, lr: float | None = None) -> list[Path]:
     """The finished runs (those with ``summary.json``) under ``exp_dir``, at ``lr`` when given, ordered by
     (lr, seed)."""
     found = []
-    for path in Path(exp_dir).rglob("summary.json"):
+    for path in Path(exp_dir).rglob(RunFiles(".").summary.name):
         s = read_json(path)
         if lr is None or math.isclose(s["lr"], lr, rel_tol=1e-9):
             found.append((s["lr"], s["seed"], path.parent))
@@ -63,8 +183,8 @@ def find_runs(exp_dir: str | Path, lr: float | None = None) -> list[Path]:
 
 def is_run(path: str | Path) -> bool:
     """Whether ``path`` is a trainer run folder (it has the files ``load_run`` needs)."""
-    path = Path(path)
-    return all((path / f).is_file() for f in ("model.json", "backbone_init.pt", "backbone_best.pt"))
+    files = RunFiles(Path(path))
+    return all(f.is_file() for f in (files.model, files.backbone("init"), files.backbone("best")))
 
 
 @dataclass
@@ -92,7 +212,7 @@ def check_run(run: str | Path) -> Path:
     if not is_run(run):
         raise FileNotFoundError(f"{run} is not a trainer run folder (needs model.json, backbone_init.pt and "
                                 "backbone_best.pt)")
-    if not (run / "summary.json").is_file():
+    if not RunFiles(run).finished():
         raise ValueError(f"{run} has not finished (no summary.json): its best weights may still change; finish it "
                          "with `repsim train ... --resume` first")
     return run
@@ -102,14 +222,12 @@ def run_inputs(run: str | Path) -> RunInputs:
     """The inputs of a finished run's backbone (``RunInputs``). The normalisation comes from ``model.json`` (runs
     since repsim 0.4), else the config's fixed ``data.mean``/``data.std``; an older run that used its dataset's
     statistics without recording them gets ImageNet's, with a warning."""
-    import yaml
-
     from repsim.inputs import IMAGENET_MEAN, IMAGENET_STD
 
     run = check_run(run)
-    record = read_json(run / "model.json")
-    config = run / "config.yaml"
-    data = (yaml.safe_load(config.read_text()) or {}).get("data", {}) if config.is_file() else {}
+    files = RunFiles(run)
+    record = files.read_model()
+    data = files.read_config().get("data", {})
     if record.get("input_mean") and record.get("input_std"):
         stats, source = (tuple(record["input_mean"]), tuple(record["input_std"])), f"the training data of run {run}"
     elif data.get("mean") and data.get("std"):
@@ -118,9 +236,8 @@ def run_inputs(run: str | Path) -> RunInputs:
         warnings.warn(f"{run} predates recorded input normalisation and its config fixes none: its backbone is fed "
                       "ImageNet statistics, which may not be what it trained with", UserWarning, stacklevel=2)
         stats, source = (IMAGENET_MEAN, IMAGENET_STD), "ImageNet statistics (the run did not record its own)"
-    split = run / "split.json"
     return RunInputs(str(run), int(record["img_size"]), int(record["in_chans"]), *stats, source,
-                     read_json(split) if split.is_file() else None)
+                     read_json(files.split) if files.split.is_file() else None)
 
 
 def load_run(run: str | Path, which: Literal["init", "best"] = "best",
@@ -136,11 +253,11 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
     if part not in ("backbone", "classifier"):
         raise ValueError(f"part must be 'backbone' or 'classifier', got {part!r}")
     inputs = run_inputs(run)
-    run = Path(run)
-    record = read_json(run / "model.json")
+    files = RunFiles(run)
+    record = files.read_model()
     if part == "classifier" and record.get("kind") == "pretrain":
         raise ValueError(f"{run} is a self-supervised pretraining run: it has a backbone, no classifier")
-    backbone = models.create(record["name"], checkpoint=run / f"backbone_{which}.pt", img_size=record["img_size"],
+    backbone = models.create(record["name"], checkpoint=files.backbone(which), img_size=record["img_size"],
                              in_chans=record["in_chans"], decapitate=record.get("decapitate"), **record["kwargs"])
     for key in ("input_mean", "input_std", "normalisation_source", "run_dir", "heldout"):
         setattr(backbone, key, getattr(inputs, key))
@@ -150,14 +267,14 @@ def load_run(run: str | Path, which: Literal["init", "best"] = "best",
                                     freeze_blocks=record.get("freeze_blocks"),
                                     classifier_kwargs=record.get("classifier") or None)
     if which == "best":
-        state = load_torch(run / "checkpoints" / "best.pt")["model"]
+        state = load_torch(files.checkpoint("best"))["model"]
     else:
-        init = run / "checkpoints" / "init.pt"
+        init = files.checkpoint("init")
         if not init.is_file():
             raise FileNotFoundError(f"{init} is missing: the run predates saved initial heads, so its initial "
                                     "classifier cannot be loaded (its initial backbone can: part='backbone')")
         state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **load_torch(init)}
-    load_state(model, state, run / "checkpoints" / f"{which}.pt")
+    load_state(model, state, files.checkpoint(which))
     return model.eval()
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from repsim.files import read_json
+from repsim.train.runs import RESULT_FILES
 
-RESULT_FILES = ("results.json", "knn.json")
 RESULT_KEYS = ("dataset", "model", "scenario", "metric", "test")  # what a table row reads of a result
 
 

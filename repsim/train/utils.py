@@ -17,6 +17,7 @@ import yaml
 
 from repsim.data import Data
 from repsim.train.config import DEFAULTS, config_diff, deep_merge
+from repsim.train.runs import RunFiles
 
 if TYPE_CHECKING:
     from repsim.models.classifier import FoundationClassifier
@@ -28,11 +29,12 @@ def check_same_config(cfg: dict[str, Any], run_dir: Path) -> None:
     Keys added to the trainer after the run was written count as equal when the new config holds their default, so a
     newer repsim still reuses older runs whose behaviour it reproduces.
     """
-    path = run_dir / "config.yaml"
-    held = [f for f in ("summary.json", "checkpoints/last.pt") if (run_dir / f).exists()]
+    files = RunFiles(run_dir)
+    path = files.config
+    held = [f for f in (files.summary, files.checkpoint("last")) if f.exists()]
     if held and not path.exists():
-        raise ValueError(f"{run_dir} holds a run ({held[0]}) but no config.yaml, so its config cannot be checked "
-                         "against this one; restore config.yaml or use another --out")
+        raise ValueError(f"{run_dir} holds a run ({held[0].relative_to(run_dir)}) but no {path.name}, so its config "
+                         f"cannot be checked against this one; restore {path.name} or use another --out")
     if path.exists():
         try:
             old = yaml.safe_load(path.read_text())

@@ -1,0 +1,183 @@
+"""The study's result structures and their helpers, numpy/xarray only: where each experiment sits (``Place``), which
+CKA comparison a matrix is (``Comparison``), the scheduler's results grouped by start/target/scenario (``organise``)
+and the numbers read off a CKA matrix (``same_block``, ``cka_summary``, ``diagonal_groups``).
+
+This is the leaf of the study: tables and figures read these structures by their fields, never by parsing names.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from repsim.matrices import diagonal_values
+
+CURVES = ("freezing", "decapitation")
+# the name of a curve point (its folder, its key in study.json): ``freeze_blocks<k>`` / ``decapitate<k>``
+POINT_PREFIX = {"freezing": "freeze_blocks", "decapitation": "decapitate"}
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where an experiment sits in a study: its ``group`` (``pretrain``, ``finetune``, ``knn``, ``sizes``,
+    ``freezing``, ``decapitation``), its ``start`` (the source for ``pretrain``, the model for ``sizes``), target,
+    scenario (``"knn"`` for a size's k-NN) and curve ``point`` k. ``parts()`` is its folder under the study."""
+
+    group: str
+    start: str
+    target: str = ""
+    scenario: str = ""
+    point: int | None = None
+
+    def parts(self) -> tuple[str, ...]:
+        """The folder names from the study's folder down to this experiment's."""
+        scenario = (self.scenario,) if self.scenario and self.group != "freezing" else ()
+        point = () if self.point is None else (f"{POINT_PREFIX[self.group]}{self.point}",)
+        return tuple(p for p in (self.group, self.start, self.target) if p) + scenario + point
+
+    def __str__(self) -> str:
+        return "/".join(self.parts())
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One CKA matrix of a target: ``figure`` ``fig7`` (a start's blocks before vs after fine-tuning, one seed),
+    ``null`` (two scratch seeds after training), ``figA1`` (a start's stacked classifier in ``scenario``) or
+    ``fig8`` (the last block across backbones)."""
+
+    figure: str
+    start: str = ""
+    scenario: str = ""
+    seeds: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        if self.figure == "fig7":
+            return f"fig7/{self.start}/seed{self.seeds[0]}"
+        if self.figure == "null":
+            return f"null/seed{self.seeds[0]}-{self.seeds[1]}"
+        if self.figure == "figA1":
+            return f"figA1/{self.start}/{self.scenario}"
+        return self.figure
+
+    def file_stem(self) -> str:
+        """The name of its netCDF file under ``cka/<target>/``."""
+        return "fig8_last_block" if self.figure == "fig8" else str(self).replace("/", "_")
+
+
+Matrices = Mapping[Comparison, xr.Dataset]
+
+
+@dataclass
+class Results:
+    """The study's trainer results: ``finetune[start][target][scenario]``, ``knn[start][target]``,
+    ``sizes[model][target][scenario|"knn"]``, ``curves[curve][start][target][scenario][k]`` (curve end points reuse
+    the full runs, restricted to the curve's seeds) and ``pretrain[source]``."""
+
+    finetune: dict[str, Any] = field(default_factory=dict)
+    knn: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The results as ``study.json`` holds them (curve points named ``freeze_blocks<k>`` / ``decapitate<k>``)."""
+        curves = {curve: {st: {t: {sc: {f"{POINT_PREFIX[curve]}{k}": r for k, r in points.items()}
+                                   for sc, points in by_sc.items()} for t, by_sc in by_t.items()}
+                          for st, by_t in by_start.items()} for curve, by_start in self.curves.items()}
+        return {"finetune": self.finetune, "knn": self.knn, "sizes": self.sizes, "curves": curves,
+                "pretrain": self.pretrain}
+
+
+def _nest(target: dict, keys: Sequence[Any], value: Any) -> None:
+    for k in keys[:-1]:
+        target = target.setdefault(k, {})
+    target[keys[-1]] = value
+
+
+def first_seeds(res: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """``res`` with its test statistics recomputed over its first ``n`` seeds (curve points reusing a full run)."""
+    out = copy.deepcopy(dict(res))
+    for stat in out["test"].values():
+        values = stat["values"][:n]
+        stat.update(values=values, mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if n > 1 else 0.0)
+    out["seeds"] = out.get("seeds", [0])[:n]
+    return out
+
+
+def organise(results: Mapping[Place, dict[str, Any]], experiments: Sequence[tuple[str, str, str]],
+             curve_ends: Mapping[str, tuple[Sequence[str], Sequence[str], int]], curve_seeds: int) -> Results:
+    """Scheduler results as ``Results``. ``experiments``: the fine-tuned (start, target, scenario) in settings
+    order; ``curve_ends[curve]``: (its starts, its scenarios, the k of its end point, a full run), per curve drawn."""
+    out = Results()
+    targets = list(dict.fromkeys(t for _, t, _ in experiments))
+    for place, res in results.items():
+        if place.group in CURVES:
+            _nest(out.curves, [place.group, place.start, place.target, place.scenario, place.point], res)
+        elif place.group == "pretrain":
+            out.pretrain[place.start] = res
+        elif place.group == "knn":
+            _nest(out.knn, [place.start, place.target], res)
+        else:
+            _nest(getattr(out, place.group), [place.start, place.target, place.scenario], res)
+    order = {k: i for i, k in enumerate(experiments)}
+    ft = sorted(((st, t, sc, r) for st, by_t in out.finetune.items() for t, by_sc in by_t.items()
+                 for sc, r in by_sc.items()), key=lambda x: order.get(x[:3], len(order)))
+    out.finetune = {}
+    for st, t, sc, r in ft:
+        _nest(out.finetune, [st, t, sc], r)
+    for curve, (starts, scenarios, end) in curve_ends.items():
+        for start in starts:
+            for target in targets:
+                for sc in scenarios:
+                    points = out.curves.setdefault(curve, {}).setdefault(start, {}).setdefault(target, {})
+                    points = points.setdefault(sc, {})
+                    points[end] = out.finetune[start][target][sc]
+                    for k in points:
+                        points[k] = first_seeds(points[k], curve_seeds)
+    return out
+
+
+def same_block(ds: xr.Dataset) -> dict[str, list[float]]:
+    """CKA(block k of a, block k of b) with its bootstrap CI: ``{"cka", "lower", "upper"}`` lists over k."""
+    return {v: [float(x) for x in diagonal_values(ds, v)] for v in ("cka", "lower", "upper") if v in ds}
+
+
+def cka_summary(ds: xr.Dataset) -> dict[str, Any]:
+    """JSON numbers of a CKA result: the matrix, its diagonal with CIs, the mean CI width, the early/late means."""
+    out: dict[str, Any] = {"layers_a": [str(x) for x in ds["layer_a"].values],
+                           "layers_b": [str(x) for x in ds["layer_b"].values],
+                           "cka": np.round(ds["cka"].values, 4).tolist()}
+    if "lower" in ds and ds.sizes["layer_a"] == ds.sizes["layer_b"]:
+        d = same_block(ds)
+        half = len(d["cka"]) // 2
+        out.update(diagonal=d, mean_ci_width=float((ds["upper"] - ds["lower"]).mean()),
+                   early_mean=float(np.mean(d["cka"][:max(half, 1)])), late_mean=float(np.mean(d["cka"][half:])))
+    return out
+
+
+def diagonal_groups(mats: Matrices) -> dict[str, tuple[list[float], list[float], list[float]]]:
+    """Same-block CKA rows for tables and plots: per start the mean over seeds with [min, max] over seeds, seed 0
+    with its bootstrap CI, and the null reference (mean, [min, max] over pairs of scratch seeds)."""
+    groups: dict[str, list[list[float]]] = {}
+    out: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    for c, ds in mats.items():
+        if c.figure == "fig7":
+            groups.setdefault(c.start, []).append(same_block(ds)["cka"])
+            if c.seeds == (0,):
+                d = same_block(ds)
+                out[f"{c.start}, seed 0 [95% bootstrap CI]"] = (d["cka"], d["lower"], d["upper"])
+        elif c.figure == "null":
+            groups.setdefault("null", []).append(same_block(ds)["cka"])
+    for name, rows in groups.items():
+        if name != "null" and len(rows) < 2:
+            continue  # one seed: its row with the bootstrap CI says it all
+        a = np.array(rows)
+        label = (f"null: scratch vs scratch, {len(rows)} pairs [min, max]" if name == "null"
+                 else f"{name}, mean of {len(rows)} seeds [min, max]")
+        out[label] = (a.mean(0).tolist(), a.min(0).tolist(), a.max(0).tolist())
+    return out
