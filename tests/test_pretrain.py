@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from repsim import models
 from repsim.data import prepare
 from repsim.knn import knn_evaluate
-from repsim.study.pipeline import materialise_synthetic
+from repsim.study.workspace import materialise_synthetic
 from repsim.train.pretrain import data_block, pretrain
 from repsim.train.runs import load_run
 from repsim.train.ssl import Collapsed

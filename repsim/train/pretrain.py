@@ -69,17 +69,17 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
 
     cfg = resolve_config(cfg)
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    files = runs.RunFiles(run_dir)
     marker = run_dir / runs.COLLAPSED
     if marker.exists():
         raise Collapsed(f"{run_dir} holds a collapsed run ({json.loads(marker.read_text())['reason']}); it cannot "
                         "be resumed: use another --out")
-    if (run_dir / "summary.json").exists():
+    if files.finished():
         raise FileExistsError(f"{run_dir} already holds a finished run; use another --out")
-    if (ckpt_dir / "last.pt").exists() and not resume:
+    if files.checkpoint("last").exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or use another --out")
-    if (run_dir / "config.yaml").exists():
-        diff = config_diff(yaml.safe_load((run_dir / "config.yaml").read_text()), yaml.safe_load(yaml.safe_dump(cfg)))
+    if files.config.exists():
+        diff = config_diff(files.read_config(), yaml.safe_load(yaml.safe_dump(cfg)))
         if diff:
             raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); use another --out")
     tr, co = cfg["train"], cfg["collapse"]
@@ -108,24 +108,24 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
               "pretrained": bool(m["pretrained"]), "checkpoint": m["checkpoint"], "kind": "pretrain",
               "method": cfg["method"], "input_mean": [float(v) for v in info.mean or ()],
               "input_std": [float(v) for v in info.std or ()]}  # what CKA must feed it too (repsim.inputs)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    write_text(run_dir / "model.json", json.dumps(record, indent=2))
-    data.write_split(run_dir / "split.json", cfg["data"].get("split_seed"))
-    if not (run_dir / "backbone_init.pt").exists():
-        save_torch(backbone.state_dict(), run_dir / "backbone_init.pt")
+    files.checkpoints.mkdir(parents=True, exist_ok=True)
+    write_text(files.config, yaml.safe_dump(cfg, sort_keys=False))
+    write_text(files.model, json.dumps(record, indent=2))
+    data.write_split(files.split, cfg["data"].get("split_seed"))
+    if not files.backbone("init").exists():
+        save_torch(backbone.state_dict(), files.backbone("init"))
 
     lr_peak = base_lr(cfg)
     warmup = tr["warmup_epochs"] * steps_per_epoch
     optimizer = torch.optim.AdamW(param_groups(method.student, tr["weight_decay"]), lr=lr_peak)
     state: dict[str, Any] = {"epoch": 0, "iteration": 0, "bad_epochs": 0, "train_seconds": 0.0}
-    if resume and (ckpt_dir / "last.pt").exists():
-        ckpt = load_torch(ckpt_dir / "last.pt", map_location=device)
+    if resume and files.checkpoint("last").exists():
+        ckpt = load_torch(files.checkpoint("last"), map_location=device)
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
         set_rng_state(ckpt["rng"])
-    metrics = run_dir / "metrics.jsonl"  # lines after the checkpoint (a crash between the two writes) are redone
+    metrics = files.metrics  # lines after the checkpoint (a crash between the two writes) are redone
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     write_text(metrics, "".join(ln + "\n" for ln in lines[:state["epoch"]]))
 
@@ -170,13 +170,14 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
         if signal and state["bad_epochs"] >= co["patience"]:
             reason = f"{cfg['method'].upper()} collapsed at epoch {epoch}: {signal}"
             write_text(marker, json.dumps({"epoch": epoch, "reason": reason, **last}, indent=2))
-            (ckpt_dir / "last.pt").unlink(missing_ok=True)
-            raise Collapsed(f"{reason}; the run stopped and wrote no backbone_best.pt (see {metrics.name})")
+            files.checkpoint("last").unlink(missing_ok=True)
+            raise Collapsed(f"{reason}; the run stopped and wrote no {files.backbone('best').name} "
+                            f"(see {metrics.name})")
         save_torch({"method": method.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                    "rng": rng_state()}, ckpt_dir / "last.pt")
+                    "rng": rng_state()}, files.checkpoint("last"))
 
     # --- the method's result backbone (DINO: the teacher's, which DINO evaluates)
-    save_torch(method.result.state_dict(), run_dir / "backbone_best.pt")
+    save_torch(method.result.state_dict(), files.backbone("best"))
     final = last or json.loads(metrics.read_text().splitlines()[-1])
     summary = {"method": cfg["method"], "dataset": info.name, "model": m["name"], "pretrained": bool(m["pretrained"]),
                "checkpoint": m["checkpoint"], "img_size": cfg["data"]["img_size"], "lr": lr_peak, "seed": seed,
@@ -185,6 +186,6 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
                "chance_loss": final["chance_loss"],
                "val_effective_rank": final["val_effective_rank"], "train_seconds": state["train_seconds"],
                "device": str(device)}
-    write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    (ckpt_dir / "last.pt").unlink()
+    write_text(files.summary, json.dumps(summary, indent=2))
+    files.checkpoint("last").unlink()
     return summary
