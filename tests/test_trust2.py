@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import xarray as xr
 from PIL import Image
+from test_trust import Tiny  # the same two-layer model the first trust round uses
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -91,23 +92,6 @@ def test_train_and_report_never_write_through_planted_temporaries(data_root, tmp
     assert victim.read_text() == "DATA"
     for name in ("config.yaml", "summary.json", "report.html"):
         assert (run / name).is_file() and not (run / name).is_symlink()
-
-
-class Tiny(nn.Module):
-    """Two linear layers with weights drawn from ``seed``."""
-
-    name = "tiny"
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 def tensors(seed: int = 0, n: int = 32) -> DataLoader:
