@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import xarray as xr
 from PIL import Image
-from test_trust import Tiny  # the same two-layer model the first trust round uses
+from test_trust import Tiny, one_line_error  # the first trust round's model and error check
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -40,14 +40,6 @@ BASE = {"name": "tiny", "data": {"dataset": "medmnist", "root": "medmnist", "fla
         "model": {"name": "test_resnet", "kwargs": {}, "pretrained": False},
         "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "num_workers": 0}}
 
-
-def one_line_error(excinfo: pytest.ExceptionInfo, *names: object) -> str:
-    """The message of a raised error, checked to be one line naming each of ``names``."""
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    for name in names:
-        assert str(name) in msg, (name, msg)
-    return msg
 
 
 @pytest.fixture(autouse=True)
