@@ -12,6 +12,7 @@ import copy
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -117,14 +118,18 @@ class Workers:
         return future
 
     def close(self) -> None:
-        """Cancel queued runs, terminate running workers (SIGTERM) and wait for them; restore SIGTERM's handler."""
+        """Cancel queued runs, let idle workers exit, terminate the ones still running (SIGTERM) and wait for them;
+        restore SIGTERM's handler. Idle workers are not killed: that would leak the pool's semaphores."""
         if self.executor is not None:
             workers = list(getattr(self.executor, "_processes", {}).values())
             self.executor.shutdown(wait=False, cancel_futures=True)
+            deadline = time.monotonic() + 2.0  # an idle worker exits within milliseconds of the shutdown
             for proc in workers:
-                proc.terminate()
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
             for proc in workers:
-                proc.join()
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join()
             self.executor = None
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
