@@ -13,7 +13,7 @@ from typing import Any
 _LAZY = {"Backbone": "repsim.backbone", "SCENARIOS": "repsim.models.classifier",
          "FoundationClassifier": "repsim.models.classifier", "build_classifier": "repsim.models.classifier",
          "ZOO": "repsim.models.zoo", "ZooInfo": "repsim.models.zoo", "available": "repsim.models.zoo",
-         "check_name": "repsim.models.zoo", "create": "repsim.models.zoo"}
+         "check_name": "repsim.models.catalogue", "create": "repsim.models.zoo"}
 
 __all__ = sorted(_LAZY)
 

