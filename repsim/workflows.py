@@ -100,10 +100,11 @@ def write_cka(model_a: str | Path, model_b: str | Path | None, data: str, out: P
         if n < 8:
             raise ValueError(f"{n} images ({data}, {split}) cannot make the 2 batches of >= 4 a bootstrap needs; "
                              "drop --boot or use more images")
-        size = len(bootstrap_batches(n, batch_size)[0])
+        batches = bootstrap_batches(n, batch_size)
+        size = len(batches[0])
         if size < batch_size:
             print(f"--boot: batches of {size} instead of {batch_size}, so the bootstrap resamples "
-                  f"{len(bootstrap_batches(n, batch_size))} batches of {n} images", file=sys.stderr)
+                  f"{len(batches)} batches of {n} images", file=sys.stderr)
             images = data_loader(size)
 
     device = device or str(pick_device("auto"))
@@ -116,7 +117,7 @@ def write_cka(model_a: str | Path, model_b: str | Path | None, data: str, out: P
         names = [f"{n} [{c or 'random init'}]" for n, (_, _, c) in zip(names, specs)]
     with kept_threads():  # one thread for small models (repsim.threads), the caller's count back afterwards
         if torch.device(device).type == "cpu":
-            sample = next(iter(images))[0][:1]
+            sample = images.dataset[0][0][None]  # one image: the FLOP count needs no whole batch
             torch.set_num_threads(max(auto_threads(b, sample) for b in backbones))
         result = compare(backbones[0], backbones[1] if len(backbones) > 1 else None, images,
                          layers_a=layers_a, layers_b=layers_b, labels=labels or (names[0], names[-1]), pool=pool,
