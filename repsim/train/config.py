@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",
         "metric": None,  # model-selection metric; default: the dataset's (repsim.metrics.SELECTABLE)
         "cache_frozen": False,  # frozen-* scenarios: train the head on backbone outputs computed once (no augmentation)
+        "channels_last": "auto",  # NHWC memory format; auto: on for a network with 2-d BatchNorm (a convnet)
     },
     "knn": {"k": 200, "temperature": 0.1, "batch_size": 256},
 }
@@ -268,6 +269,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.device": (lambda v: isinstance(v, str), "a device name"),
     "train.metric": (lambda v: v is None or isinstance(v, str), "a metric name or null"),
     "train.cache_frozen": (lambda v: isinstance(v, bool), "true or false"),
+    "train.channels_last": (lambda v: v in (True, False, "auto"), "true, false or auto"),
     "knn.k": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "knn.temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "knn.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),

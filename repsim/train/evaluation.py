@@ -43,7 +43,8 @@ def backbone_outputs(model: FoundationClassifier, dataset: torch.utils.data.Data
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_size: int, device: torch.device,
             task: str, amp_dtype: torch.dtype | None, num_workers: int, rank: int, world: int,
-            desc: str, progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+            desc: str, progress: bool = True, memory_format: torch.memory_format = torch.contiguous_format
+            ) -> tuple[np.ndarray, np.ndarray, float]:
     """Probabilities, targets (dataset order, gathered over processes) and seconds spent in forward passes."""
     model.eval()
     n = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; every dataset here has one
@@ -54,6 +55,8 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_
     seconds = 0.0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not (rank == 0 and progress)):
         x = x.to(device, non_blocking=True)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=memory_format)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x).float()

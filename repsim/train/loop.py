@@ -57,6 +57,14 @@ def lr_at(iteration: int, *, base_lr: float, warmup: int, plateaus: int) -> floa
     return base_lr * min(1.0, (iteration + 1) / max(1, warmup)) * 0.1 ** plateaus
 
 
+def memory_format(model: nn.Module, setting: bool | str) -> torch.memory_format:
+    """NHWC (``channels_last``) for ``True``, or for ``"auto"`` on a network with 2-d BatchNorm (a convnet: its
+    convolutions run faster on NHWC, bench/train_throughput.py); NCHW otherwise."""
+    if setting == "auto":
+        setting = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    return torch.channels_last if setting else torch.contiguous_format
+
+
 def is_better(value: float, best: float | None) -> bool:
     """Whether a validation value improves on the best so far (the first always does; NaN never beats a number,
     any number beats NaN)."""
@@ -100,6 +108,7 @@ class Optimisation:
     amp_dtype: torch.dtype | None
     dropped_last: bool
     eval_kw: dict[str, Any]
+    memory_format: torch.memory_format
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -121,7 +130,7 @@ def _train(cfg: dict[str, Any], files: RunFiles, *, data_root: str | Path | None
     seed_everything(int(tc["seed"]))
     data, metric_name = prepare_data(cfg, data_root)
     model, model_record = build_model(cfg, data)  # same init on every process: same seed
-    model.to(device)
+    model.to(device, memory_format=memory_format(model, tc["channels_last"]))
     if device.type == "cpu":  # one thread for a small model: many short ops lose to OpenMP waits (repsim.threads)
         torch.set_num_threads(auto_threads(model, data.datasets["val"][0][0][None].to(device)))
     if main:
@@ -227,12 +236,13 @@ def set_up_optimisation(cfg: dict[str, Any], model: FoundationClassifier, data: 
     else:
         unit, n = data.info.warmup
         warmup = n if unit == "iters" else n * len(loader)
+    fmt = memory_format(model, tc["channels_last"])
     eval_kw = {"batch_size": tc["eval_batch_size"] or tc["batch_size"], "device": device, "task": task,
                "amp_dtype": amp_dtype, "num_workers": tc["num_workers"], "rank": rank, "world": world,
-               "progress": progress}
+               "progress": progress, "memory_format": fmt}
     loss_fn = F.binary_cross_entropy_with_logits if task == "multilabel" else F.cross_entropy
     return Optimisation(model, train_net, train_net, train_set, val_set, optimizer, scaler, loss_fn, sampler, loader,
-                        warmup, amp_dtype, drop, eval_kw)
+                        warmup, amp_dtype, drop, eval_kw, fmt)
 
 
 def resume_state(files: RunFiles, opt: Optimisation | None, device: torch.device, main: bool) -> Progress:
@@ -269,6 +279,8 @@ def train_epoch(opt: Optimisation, state: Progress, epoch: int, files: RunFiles,
         for group in opt.optimizer.param_groups:
             group["lr"] = lr
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if x.dim() == 4:  # the model's memory format (a no-op for NCHW)
+            x = x.contiguous(memory_format=opt.memory_format)
         with torch.autocast(device.type, dtype=opt.amp_dtype, enabled=opt.amp_dtype is not None):
             loss = opt.loss_fn(opt.net(x).float(), y)
         if not torch.isfinite(loss):
