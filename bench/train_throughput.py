@@ -193,7 +193,7 @@ def main() -> None:
     if args.compile:
         variants["bare, torch.compile"] = lambda: bare(lin, root, compile_model=True)
     rates: dict[str, list[float]] = {k: [] for k in variants}
-    for name, fn in variants.items():  # one warm-up each (imports, allocator, compile)
+    for fn in variants.values():  # one warm-up each (imports, allocator, compile)
         fn()
     for r in range(args.repeats):
         for name, fn in variants.items():
