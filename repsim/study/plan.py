@@ -3,11 +3,13 @@ waits for (``plan(ws)``), for the scheduler to run."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 from repsim.study.results import Place
 from repsim.study.scheduler import Experiment
+from repsim.study.settings import Start
 from repsim.study.workspace import Workspace
 from repsim.train.config import expand
 from repsim.types import STACKED
@@ -61,6 +63,22 @@ def _knn(ws: Workspace, place: Place, weights: Mapping[str, Any], model: str | N
     return Experiment(place, cfg, ws.folder(place), kind="knn", after=after, cost=_SIZE_HINT.get(target, 1000) * 0.1)
 
 
+def _ssl(ws: Workspace, start: Start, target: str) -> Experiment:
+    """Self-supervised pretraining of ``start`` on ``target``'s train split (``repsim pretrain``, the study's
+    ``ssl`` config; from the library's weights when ``start.continued``)."""
+    from repsim.train.ssl import resolve_config
+
+    s = ws.settings
+    cfg = copy.deepcopy(dict(s.ssl))
+    cfg["data"] = {**cfg.get("data", {}), **ws.data_block(target)}
+    cfg["model"] = {**cfg.get("model", {}), "name": s.model, "kwargs": dict(s.model_kwargs),
+                    "pretrained": start.continued, "checkpoint": None}
+    cfg.setdefault("train", {})["device"] = ws.device
+    epochs = int(resolve_config(cfg)["train"]["epochs"])
+    return Experiment(Place("ssl", start.name, target), resolve_config(cfg), ws.ssl_folder(start, target),
+                      kind="pretrain", cost=_SIZE_HINT.get(target, 1000) * epochs * 4.0)
+
+
 def plan(ws: Workspace) -> list[Experiment]:
     """Every trainer experiment of the study, with what each waits for."""
     s, exps = ws.settings, []
@@ -71,12 +89,20 @@ def plan(ws: Workspace) -> list[Experiment]:
             "pretrained": False, "checkpoint": None}), {**s.pretrain, "device": ws.device, "seeds": 1,
                                                        "lr_grid": None})
         exps.append(Experiment(place, cfg, ws.folder(place), cost=float("inf")))
-    needs = {st.name: ((Place("pretrain", st.source or ""),) if st.kind == "source" else ()) for st in s.starts}
+    for st in s.starts:
+        if st.kind == "ssl":
+            exps += [_ssl(ws, st, t) for t in st.targets or s.targets]
+
+    def needs(st: Start, target: str) -> tuple[Place, ...]:
+        """The experiment that makes ``st``'s weights for ``target`` (none for weights that exist already)."""
+        return ((Place("pretrain", st.source or ""),) if st.kind == "source" else
+                (Place("ssl", st.name, target),) if st.kind == "ssl" else ())
+
     for st, t, sc in s.experiments():
-        exps.append(_experiment(ws, Place("finetune", st.name, t, sc), ws.start_weights(st), after=needs[st.name]))
+        exps.append(_experiment(ws, Place("finetune", st.name, t, sc), ws.start_weights(st, t), after=needs(st, t)))
     for st in s.starts:
         for t in st.targets or s.targets:
-            exps.append(_knn(ws, Place("knn", st.name, t), ws.start_weights(st), after=needs[st.name]))
+            exps.append(_knn(ws, Place("knn", st.name, t), ws.start_weights(st, t), after=needs(st, t)))
     pretrained = {"pretrained": True, "checkpoint": None}
     for m in s.sizes:
         for t in s.targets:
@@ -88,16 +114,16 @@ def plan(ws: Workspace) -> list[Experiment]:
         st = s.start(name)
         for t in s.targets:
             exps += [_experiment(
-                ws, Place("freezing", name, t, "unfrozen-linear", k), ws.start_weights(st),
+                ws, Place("freezing", name, t, "unfrozen-linear", k), ws.start_weights(st, t),
                 model_extra={"freeze_blocks": k}, train=curve, lr_from=Place("finetune", name, t, "unfrozen-linear"),
-                after=needs[name]) for k in freeze if k != 0]
+                after=needs(st, t)) for k in freeze if k != 0]
     decap = range(1, ws.depth + 1) if s.decapitate is None else s.decapitate
     for name in s.curve_starts("decapitation") if s.decapitate != [] else ():
         st = s.start(name)
         for t in s.targets:
             exps += [_experiment(
-                ws, Place("decapitation", name, t, sc, k), ws.start_weights(st), model_extra={"decapitate": k},
-                train=curve, lr_from=Place("finetune", name, t, sc), after=needs[name])
+                ws, Place("decapitation", name, t, sc, k), ws.start_weights(st, t), model_extra={"decapitate": k},
+                train=curve, lr_from=Place("finetune", name, t, sc), after=needs(st, t))
                 for sc in s.decapitate_scenarios for k in decap if k != ws.depth]
     return exps
 

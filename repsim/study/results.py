@@ -76,13 +76,17 @@ Matrices = Mapping[Comparison, xr.Dataset]
 class Results:
     """The study's trainer results: ``finetune[start][target][scenario]``, ``knn[start][target]``,
     ``sizes[model][target][scenario|"knn"]``, ``curves[curve][start][target][scenario][k]`` (curve end points reuse
-    the full runs, restricted to the curve's seeds) and ``pretrain[source]``."""
+    the full runs, restricted to the curve's seeds), ``pretrain[source]``, ``ssl[start][target]`` (a
+    self-supervised run's summary, or ``{"collapsed": reason}``) and ``skipped[experiment]`` (the reason: its start
+    collapsed)."""
 
     finetune: dict[str, Any] = field(default_factory=dict)
     knn: dict[str, Any] = field(default_factory=dict)
     sizes: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, Any] = field(default_factory=dict)
     pretrain: dict[str, Any] = field(default_factory=dict)
+    ssl: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The results as ``study.json`` holds them (curve points named ``freeze_blocks<k>`` / ``decapitate<k>``)."""
@@ -90,7 +94,7 @@ class Results:
                                    for sc, points in by_sc.items()} for t, by_sc in by_t.items()}
                           for st, by_t in by_start.items()} for curve, by_start in self.curves.items()}
         return {"finetune": self.finetune, "knn": self.knn, "sizes": self.sizes, "curves": curves,
-                "pretrain": self.pretrain}
+                "pretrain": self.pretrain, "ssl": self.ssl, "skipped": self.skipped}
 
 
 def _nest(target: dict, keys: Sequence[Any], value: Any) -> None:
@@ -116,7 +120,11 @@ def organise(results: Mapping[Place, dict[str, Any]], experiments: Sequence[tupl
     out = Results()
     targets = list(dict.fromkeys(t for _, t, _ in experiments))
     for place, res in results.items():
-        if place.group in CURVES:
+        if "skipped" in res:
+            out.skipped[str(place)] = res["skipped"]
+        elif place.group == "ssl":
+            _nest(out.ssl, [place.start, place.target], res)
+        elif place.group in CURVES:
             _nest(out.curves, [place.group, place.start, place.target, place.scenario, place.point], res)
         elif place.group == "pretrain":
             out.pretrain[place.start] = res
@@ -135,8 +143,11 @@ def organise(results: Mapping[Place, dict[str, Any]], experiments: Sequence[tupl
             for target in targets:
                 for sc in scenarios:
                     points = out.curves.setdefault(curve, {}).setdefault(start, {}).setdefault(target, {})
+                    full = out.finetune.get(start, {}).get(target, {}).get(sc)
+                    if full is None:
+                        continue  # skipped: its start collapsed
                     points = points.setdefault(sc, {})
-                    points[end] = out.finetune[start][target][sc]
+                    points[end] = full
                     for k in points:
                         points[k] = first_seeds(points[k], curve_seeds)
     return out

@@ -9,6 +9,7 @@ runs are reused (``repsim.train.runner.train_or_reuse``), so a killed study resu
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import threading
@@ -24,7 +25,7 @@ import torch
 
 from repsim.lazy import lazy_exports
 from repsim.progress import tqdm
-from repsim.train.runner import choose_lr
+from repsim.train.runner import MAX_EXTENSIONS, choose_lr, grid_step_beyond
 
 
 @dataclass
@@ -32,7 +33,10 @@ class Experiment:
     """One trainer experiment of a study.
 
     ``key`` names it (any hashable: the study's ``Place``). ``kind`` "train" (LR search + seeds,
-    ``repsim.train.run_experiment``) or "knn" (one k-NN evaluation).
+    ``repsim.train.run_experiment``; with ``train.extend_lr_grid`` a chosen LR on the grid's edge adds one grid step
+    beyond it, up to ``MAX_EXTENSIONS``), "knn" (one k-NN evaluation) or "pretrain" (one ``repsim pretrain`` run: a
+    run that collapses is a result, ``{"collapsed": reason}``, and the experiments after it are skipped with that
+    reason).
     ``after``: keys of experiments that must finish first; ``lr_from``: the key whose chosen LR this experiment
     trains at (instead of its own grid). ``cost`` orders submission (larger first).
     """
@@ -47,16 +51,17 @@ class Experiment:
     # filled while running
     lr: float | None = None
     search: dict[str, float] = field(default_factory=dict)
+    extended: list[float] = field(default_factory=list)
     pending: set[Future] = field(default_factory=set)
 
     @property
     def grid(self) -> list[float]:
         train = self.cfg["train"]
-        return [float(v) for v in (train["lr_grid"] or [train["lr"]])]
+        return sorted([float(v) for v in (train["lr_grid"] or [train["lr"]])] + self.extended)
 
     def runs(self) -> int:
         """Trainer runs this experiment makes (k-NN: one evaluation)."""
-        if self.kind == "knn":
+        if self.kind in ("knn", "pretrain"):
             return 1
         seeds = int(self.cfg["train"]["seeds"])
         return seeds if self.lr_from or len(self.grid) == 1 else len(self.grid) + seeds - 1
@@ -83,6 +88,24 @@ def _knn_run(cfg: dict[str, Any], folder: str, data_root: str | None) -> dict[st
 
     done = ExperimentFiles(folder).knn
     return json.loads(done.read_text()) if done.exists() else run_knn(cfg, Path(folder), data_root=data_root)
+
+
+def _pretrain_run(cfg: dict[str, Any], folder: str, data_root: str | None) -> dict[str, Any]:
+    """The summary of a self-supervised run (read when finished, else trained or resumed), or ``{"collapsed":
+    reason}``."""
+    from repsim.train.pretrain import pretrain
+    from repsim.train.runs import COLLAPSED, RunFiles
+    from repsim.train.ssl import Collapsed
+
+    files = RunFiles(folder)
+    if files.finished():
+        return files.read_summary()
+    if (files.path / COLLAPSED).exists():
+        return {"collapsed": json.loads((files.path / COLLAPSED).read_text())["reason"]}
+    try:
+        return pretrain(cfg, folder, data_root=data_root, resume=True, progress=False)
+    except Collapsed as err:
+        return {"collapsed": str(err)}
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -143,7 +166,10 @@ class Scheduler:
         self.pool, self.data_root = pool, data_root
         self.owner: dict[Future, tuple[Experiment, float | None]] = {}
 
-    def _submit_runs(self, exp: Experiment, lrs: Sequence[float], seeds: Sequence[int]) -> None:
+    def _submit_runs(self, exp: Experiment, lrs: Sequence[float], seeds: Sequence[int], search: bool = False
+                     ) -> None:
+        """Submit ``exp``'s runs at ``lrs`` x ``seeds``; search runs (several LRs, or ``search``) report their
+        validation value to the LR search."""
         from repsim.train.runs import run_dir
 
         for lr in lrs:
@@ -152,11 +178,12 @@ class Scheduler:
                 cfg["train"].update(lr=float(lr), seed=seed)
                 fut = self.pool.submit(_train_run, cfg, str(run_dir(exp.folder, lr, seed)), self.data_root)
                 exp.pending.add(fut)
-                self.owner[fut] = (exp, lr if len(lrs) > 1 else None)
+                self.owner[fut] = (exp, lr if len(lrs) > 1 or search else None)
 
     def _start(self, exp: Experiment, done: Mapping[Hashable, Experiment]) -> None:
-        if exp.kind == "knn":
-            fut = self.pool.submit(_knn_run, exp.cfg, str(exp.folder), self.data_root)
+        if exp.kind in ("knn", "pretrain"):
+            fut = self.pool.submit(_knn_run if exp.kind == "knn" else _pretrain_run, exp.cfg, str(exp.folder),
+                                   self.data_root)
             exp.pending.add(fut)
             self.owner[fut] = (exp, None)
         elif exp.lr_from is not None:
@@ -175,8 +202,8 @@ class Scheduler:
     def _finish(self, exp: Experiment) -> dict[str, Any]:
         from repsim.train.runner import run_experiment
 
-        if exp.kind == "knn":
-            return _knn_run(exp.cfg, str(exp.folder), self.data_root)
+        if exp.kind in ("knn", "pretrain"):
+            return (_knn_run if exp.kind == "knn" else _pretrain_run)(exp.cfg, str(exp.folder), self.data_root)
         cfg = copy.deepcopy(exp.cfg)
         if exp.lr_from is not None:
             cfg["train"].update(lr=exp.lr, lr_grid=None)
@@ -197,6 +224,12 @@ class Scheduler:
                 ready = [e for e in waiting if all(d in done for d in (*e.after, *([e.lr_from] if e.lr_from else [])))]
                 for exp in ready:
                     waiting.remove(exp)
+                    collapsed = [results[d]["collapsed"] for d in exp.after if "collapsed" in results[d]]
+                    if collapsed:  # its start does not exist: a finding, not a run
+                        results[exp.key] = {"skipped": collapsed[0]}
+                        done[exp.key] = exp
+                        bar.update(exp.runs())
+                        continue
                     self._start(exp, done)
                 if not self.owner:
                     if waiting:  # nothing runs and nothing can start: a dependency cycle
@@ -214,7 +247,14 @@ class Scheduler:
                     if exp.pending:
                         continue
                     if exp.kind == "train" and exp.lr is None:  # the search is complete: seeds at the chosen LR
-                        exp.lr = choose_lr({f"{lr:g}": exp.search[f"{lr:g}"] for lr in exp.grid})
+                        lr = choose_lr({f"{lr:g}": exp.search[f"{lr:g}"] for lr in exp.grid})
+                        beyond = grid_step_beyond(exp.grid, lr) if exp.cfg["train"]["extend_lr_grid"] else None
+                        if beyond is not None and len(exp.extended) < MAX_EXTENSIONS:
+                            exp.extended.append(beyond)  # on the grid's edge: search one step beyond it first
+                            self._submit_runs(exp, [beyond], [0], search=True)
+                            bar.total += 1
+                            continue
+                        exp.lr = lr
                         self._submit_runs(exp, [exp.lr], range(1, int(exp.cfg["train"]["seeds"])))
                         if exp.pending:
                             continue

@@ -21,14 +21,16 @@ SYNTHETIC: dict[str, dict[str, int]] = {
     "synthetic-target": {"num_classes": 4, "seed": 2},
 }
 PAPER_LR_GRID = [1.0e-5, 5.0e-5, 2.0e-4, 1.0e-3]  # 4 values in [1e-5, 1e-3], as the packaged table specs
-START_KINDS = ("pretrained", "source", "checkpoint", "scratch")
+START_KINDS = ("pretrained", "source", "ssl", "checkpoint", "scratch")
 
 
 @dataclass(frozen=True)
 class Start:
-    """One way to initialise the backbone: the library's ``pretrained`` weights, pretraining here on a ``source``
-    task, a local ``checkpoint``, or ``scratch`` (random init). ``targets``/``scenarios`` restrict what this start
-    is fine-tuned on (None: the study's)."""
+    """One way to initialise the backbone: the library's ``pretrained`` weights, supervised pretraining here on a
+    ``source`` task, self-supervised pretraining (``ssl``, the study's ``ssl`` config) on each target's own train
+    split -- from random init, or from the library's weights when ``continued`` -- a local ``checkpoint``, or
+    ``scratch`` (random init). ``targets``/``scenarios`` restrict what this start is fine-tuned on (None: the
+    study's)."""
 
     name: str
     kind: str
@@ -36,6 +38,7 @@ class Start:
     checkpoint: str | None = None
     targets: tuple[str, ...] | None = None
     scenarios: tuple[str, ...] | None = None
+    continued: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,15 @@ class Settings:
 
     ``train``/``pretrain`` are trainer ``train`` blocks; ``frozen_train`` updates ``train`` for the frozen scenarios
     and ``target_train`` per target. ``classifier`` configures the stacked classifier. ``freeze_blocks`` /
-    ``decapitate`` None mean ``0..depth`` / ``1..depth``; an empty list skips that curve. ``sizes``: other models
-    (with ``pretrained=True``) compared frozen (Fig 6). ``fig8_models``: extra pretrained models whose last block
-    joins Fig 8. ``normalise="model"`` feeds every dataset with the backbone's own input normalisation (what its
-    pretrained weights expect) instead of the dataset's statistics.
+    ``decapitate`` None mean ``0..depth`` / ``1..depth``; an empty list skips that curve. ``ssl`` is the
+    ``repsim pretrain`` config of the ``ssl`` starts (data and model filled in per target). ``primaries``: the
+    declared primary comparisons ``(start a, start b, scenario)``, a - b on every target (Holm-adjusted as one
+    family; every other paired comparison is the secondary family). ``budget_points``: optimiser-step budgets at
+    which ``budget_starts`` get the validation-selected test metric of their ``budget_scenario`` runs (read from the
+    runs' ``test_at_best`` records: the plateau rule makes a run's first B steps those of a B-step run).
+    ``sizes``: other models (with ``pretrained=True``) compared frozen (Fig 6). ``fig8_models``: extra pretrained
+    models whose last block joins Fig 8. ``normalise="model"`` feeds every dataset with the backbone's own input
+    normalisation (what its pretrained weights expect) instead of the dataset's statistics.
     """
 
     model: str = "vit_tiny_patch16_224"
@@ -76,6 +84,13 @@ class Settings:
     decapitation_starts: tuple[str, ...] | None = None  # starts that get the decapitation curve (None: the first)
     decapitate_scenarios: tuple[str, ...] = ("frozen-stacked",)
     curve_seeds: int = 1
+    ssl: dict[str, Any] = field(default_factory=lambda: {"method": "dino", "train": {"epochs": 30, "num_workers": 0}})
+    primaries: tuple[tuple[str, str, str], ...] = ()
+    budget_points: tuple[int, ...] = ()
+    budget_starts: tuple[str, ...] = ()
+    budget_scenario: str = "unfrozen-linear"
+    stat_boot: int = 2000  # bootstrap replicates of the paired intervals (seeds x test images)
+    reference_pairs: int = 3  # random-init pairs for the CKA floor
     knn: dict[str, Any] = field(default_factory=lambda: {"k": 200, "temperature": 0.1, "batch_size": 256})
     sizes: tuple[str, ...] = ()
     size_scenarios: tuple[str, ...] = ("frozen-linear", "frozen-stacked")
@@ -119,6 +134,8 @@ class Settings:
                 raise ValueError(f"start {s.name!r}: a source task goes with kind 'source' (and only with it)")
             if (s.kind == "checkpoint") != (s.checkpoint is not None):
                 raise ValueError(f"start {s.name!r}: a checkpoint goes with kind 'checkpoint' (and only with it)")
+            if s.continued and s.kind != "ssl":
+                raise ValueError(f"start {s.name!r}: continued goes with kind 'ssl' (pretraining from the weights)")
             for name in ([s.source] if s.source else []) + list(s.targets or ()):
                 if name not in known:
                     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")
@@ -152,37 +169,45 @@ class Settings:
             raise ValueError(f"curve_seeds must be in 1..train.seeds, got {self.curve_seeds}")
         if not 1 <= self.cka_seeds <= int(self.train.get("seeds", 1)):
             raise ValueError(f"cka_seeds must be in 1..train.seeds, got {self.cka_seeds}")
+        for a, b, sc in self.primaries:
+            if a not in names or b not in names or sc not in SCENARIOS:
+                raise ValueError(f"primary comparison {(a, b, sc)}: starts must be in {names}, the scenario in "
+                                 f"{SCENARIOS}")
+        for name in self.budget_starts:
+            if name not in names:
+                raise ValueError(f"budget_starts: {name!r} is not a start of the study ({names})")
+        if self.budget_points and int(self.train.get("steps") or 0) < max(self.budget_points):
+            raise ValueError(f"budget_points {list(self.budget_points)} need train.steps >= {max(self.budget_points)}")
         if self.cka_batch_size < 4:
             raise ValueError(f"cka_batch_size must be >= 4 (unbiased HSIC), got {self.cka_batch_size}")
 
 
-_FROZEN_CACHED = {"epochs": 100, "lr_grid": PAPER_LR_GRID, "patience": 10}  # cached outputs: epochs cost ~nothing
-_IMAGENET_TARGETS = ("retinamnist", "breastmnist", "pneumoniamnist")
 
 PRESETS: dict[str, Settings] = {
-    # The paper's question on real data, offline on 2 CPU cores: EfficientNet-Lite0 from real ImageNet weights
-    # (natural domain) vs pretrained here on PneumoniaMNIST (in-domain) vs from scratch, transferred to RetinaMNIST
-    # and BreastMNIST (and PneumoniaMNIST for the ImageNet start) in the four scenarios, 5 seeds, with k-NN,
-    # freezing/decapitation curves, Lite0/1/2 sizes, CKA with a null reference and Fig 8 with MobileNetV2.
-    # Cuts made to fit the time budget (figures/README.md): 48 px, in-domain start without unfrozen-stacked,
-    # 3-value LR grid for fine-tuning, 3 curve seeds, PneumoniaMNIST without unfrozen-stacked and 4 epochs.
+    # The paper's question (and its Appendix B) on real data, offline on 2 CPU cores: EfficientNet-Lite0 at 48 px
+    # from real ImageNet weights (natural domain), from DINO on the target's own train split (in-domain SSL), from
+    # ImageNet continued with DINO in-domain, and from scratch, transferred to RetinaMNIST and BreastMNIST; every
+    # start and scenario of a target gets the same 800 optimiser steps (plateau rule: LR / 10 after ~85 steps
+    # without a better validation value), an LR grid extended past an edge, 5 seeds, test-set bootstrap intervals
+    # with declared primaries and Holm, the budget curve (100-800 steps) and CKA references. Cuts (figures/README):
+    # unfrozen-stacked only from ImageNet, the freezing curve at 3 points and 3 seeds.
     "natural": Settings(
         model="efficientnet_lite0", model_kwargs={}, img_size=48, normalise="model",
-        starts=(Start("imagenet", "pretrained", targets=_IMAGENET_TARGETS),
-                Start("in-domain", "source", source="pneumoniamnist",
-                      scenarios=("frozen-linear", "frozen-stacked", "unfrozen-linear")),
-                Start("scratch", "scratch")),
+        starts=(Start("imagenet", "pretrained"),
+                Start("ssl", "ssl", scenarios=("frozen-linear", "frozen-stacked", "unfrozen-linear")),
+                Start("imagenet-ssl", "ssl", continued=True, scenarios=("frozen-linear", "unfrozen-linear")),
+                Start("scratch", "scratch", scenarios=("frozen-linear", "frozen-stacked", "unfrozen-linear"))),
         classifier={"model": "deit_tiny_patch16_224", "depth": 2, "embed_dim": 192, "num_heads": 3, "max_grid": 8},
-        pretrain={"epochs": 10, "batch_size": 64, "lr": 1.0e-3, "warmup_epochs": 1, "patience": 2,
-                  "max_plateaus": 2, "num_workers": 0},
-        train={"epochs": 12, "batch_size": 64, "lr_grid": [1.0e-4, 3.0e-4, 1.0e-3], "seeds": 5, "warmup_epochs": 1,
-               "patience": 3, "max_plateaus": 2, "num_workers": 0, "cache_frozen": True},
-        frozen_train=_FROZEN_CACHED,
-        target_train={"pneumoniamnist": {"epochs": 4, "patience": 1}},
-        target_scenarios={"pneumoniamnist": ("frozen-linear", "frozen-stacked", "unfrozen-linear")},
-        freeze_blocks=[0, 2, 4, 7], freezing_starts=("imagenet",),
-        decapitation_starts=("imagenet", "in-domain", "scratch"), curve_seeds=3,
-        sizes=("efficientnet_lite1", "efficientnet_lite2"), fig8_models=("mobilenetv2_imagenet",),
+        ssl={"method": "dino", "train": {"epochs": 30, "batch_size": 32, "num_workers": 0}},
+        train={"steps": 800, "batch_size": 64, "lr_grid": [1.0e-4, 3.0e-4, 1.0e-3], "seeds": 5, "warmup_iters": 50,
+               "patience": 5, "max_plateaus": 3, "num_workers": 0, "cache_frozen": True, "test_at_best": True,
+               "extend_lr_grid": True},
+        target_train={"breastmnist": {"patience": 10}},  # 8.5 steps per epoch there, 17 on RetinaMNIST
+        primaries=(("imagenet", "scratch", "frozen-linear"), ("imagenet", "scratch", "unfrozen-linear"),
+                   ("ssl", "imagenet", "frozen-linear"), ("ssl", "imagenet", "unfrozen-linear")),
+        budget_points=(100, 200, 400, 800), budget_starts=("imagenet", "scratch"),
+        freeze_blocks=[2, 5, 7], freezing_starts=("imagenet",), decapitation_starts=("imagenet", "ssl", "scratch"),
+        curve_seeds=3, sizes=("efficientnet_lite1", "efficientnet_lite2"), fig8_models=("mobilenetv2_imagenet",),
         cka_seeds=5, cka_batch_size=32),
     # the earlier offline study: a small ViT pretrained on PneumoniaMNIST vs from scratch (about half an hour)
     "full": Settings(),

@@ -1,7 +1,8 @@
 """A study's workspace: its settings, output folder, data root and device, and what they build: the data block of
 each dataset, the backbones, each start's weights and every experiment's folder (each built here, once).
 
-Layout under ``out``: ``pretrain/<source>/``, ``finetune/<start>/<target>/<scenario>/``, ``knn/<start>/<target>/``,
+Layout under ``out``: ``pretrain/<source>/``, ``ssl/<start>/<target>/`` (one ``repsim pretrain`` run),
+``finetune/<start>/<target>/<scenario>/``, ``knn/<start>/<target>/``,
 ``freezing/<start>/<target>/freeze_blocks<k>/``, ``decapitation/<start>/<target>/<scenario>/decapitate<k>/``,
 ``sizes/<model>/<target>/<scenario|knn>/`` (trainer experiment folders: ``repsim table`` / ``repsim report`` read
 them; ``Place.parts`` names them), ``cka/<target>/*.nc``, ``data/`` (the built-in synthetic tasks as image folders),
@@ -71,8 +72,11 @@ class Workspace:
         """The experiment folder of ``place``."""
         return self.out.joinpath(*place.parts())
 
-    def start_weights(self, start: Start) -> dict[str, Any]:
-        """The trainer ``model`` fields that give ``start``'s weights (a source start: its pretraining's best)."""
+    def start_weights(self, start: Start, target: str) -> dict[str, Any]:
+        """The trainer ``model`` fields that give ``start``'s weights on ``target`` (a source start: its
+        pretraining's best; an ssl start: the teacher backbone of its pretraining on ``target``)."""
+        if start.kind == "ssl":
+            return {"pretrained": False, "checkpoint": str(RunFiles(self.ssl_folder(start, target)).backbone("best"))}
         if start.kind == "source":
             pretrain = self.folder(Place("pretrain", start.source or ""))
             run = RunFiles(run_dir(pretrain, float(self.settings.pretrain["lr"]), 0))
@@ -80,6 +84,10 @@ class Workspace:
         if start.kind == "checkpoint":
             return {"pretrained": False, "checkpoint": str(Path(start.checkpoint or "").resolve())}
         return {"pretrained": start.kind == "pretrained", "checkpoint": None}
+
+    def ssl_folder(self, start: Start, target: str) -> Path:
+        """The run folder of ``start``'s self-supervised pretraining on ``target``'s train split."""
+        return self.folder(Place("ssl", start.name, target))
 
     def cka_file(self, target: str, comparison: Comparison) -> Path:
         """The netCDF file of one CKA matrix of ``target``."""

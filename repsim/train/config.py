@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {
         "epochs": 100,
+        "steps": None,  # an optimiser-step budget: replaces epochs (the last epoch stops part-way); equal budgets
         "batch_size": 64,  # global batch, split over DDP processes
         "eval_batch_size": None,  # default: batch_size
         "lr": 1.0e-4,
@@ -58,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",
         "metric": None,  # model-selection metric; default: the dataset's (repsim.metrics.SELECTABLE)
         "cache_frozen": False,  # frozen-* scenarios: train the head on backbone outputs computed once (no augmentation)
+        "test_at_best": False,  # test metric of each new best checkpoint in metrics.jsonl (budget curves)
+        "extend_lr_grid": False,  # a chosen LR on an edge of lr_grid: search one more grid step beyond it (twice)
         "channels_last": "auto",  # NHWC memory format; auto: on for a network with 2-d BatchNorm (a convnet)
     },
     "knn": {"k": 200, "temperature": 0.1, "batch_size": 256},
@@ -250,6 +253,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.freeze_blocks": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null"),
     "model.decapitate": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),
     "train.epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.steps": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),
     "train.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "train.eval_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),
     "train.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
@@ -269,6 +273,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.device": (lambda v: isinstance(v, str), "a device name"),
     "train.metric": (lambda v: v is None or isinstance(v, str), "a metric name or null"),
     "train.cache_frozen": (lambda v: isinstance(v, bool), "true or false"),
+    "train.test_at_best": (lambda v: isinstance(v, bool), "true or false"),
+    "train.extend_lr_grid": (lambda v: isinstance(v, bool), "true or false"),
     "train.channels_last": (lambda v: v in (True, False, "auto"), "true, false or auto"),
     "knn.k": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "knn.temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),

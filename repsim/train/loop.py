@@ -14,6 +14,7 @@ run folder's files are ``repsim.train.runs.RunFiles``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -32,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from repsim.data import Data, prepare
-from repsim.files import load_state, load_torch, lock, save_torch, write_text
+from repsim.files import atomic, load_state, load_torch, lock, save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 from repsim.models.classifier import FoundationClassifier
 from repsim.progress import tqdm
@@ -65,6 +66,11 @@ def memory_format(model: nn.Module, setting: bool | str) -> torch.memory_format:
     return torch.channels_last if setting else torch.contiguous_format
 
 
+def epochs_of(tc: dict[str, Any], steps_per_epoch: int) -> int:
+    """Epochs a run goes through: ``train.epochs``, or with a ``train.steps`` budget as many as hold its steps."""
+    return math.ceil(tc["steps"] / steps_per_epoch) if tc["steps"] else tc["epochs"]
+
+
 def is_better(value: float, best: float | None) -> bool:
     """Whether a validation value improves on the best so far (the first always does; NaN never beats a number,
     any number beats NaN)."""
@@ -87,6 +93,8 @@ class Progress:
     bad_epochs: int = 0
     plateaus: int = 0
     train_seconds: float = 0.0
+    data_seconds: float = 0.0  # of train_seconds: waiting for the next batch (decode, augmentation, collate)
+    eval_seconds: float = 0.0  # validation (and test_at_best) forward passes
 
 
 @dataclass
@@ -141,19 +149,21 @@ def _train(cfg: dict[str, Any], files: RunFiles, *, data_root: str | Path | None
         opt.net = DistributedDataParallel(opt.train_net, device_ids=[device.index] if device.type == "cuda" else None)
 
     stop = state.plateaus >= tc["max_plateaus"]
-    for epoch in range(state.epoch, tc["epochs"]):
+    for epoch in range(state.epoch, epochs_of(tc, len(opt.loader))):
         if stop:
             break
         start = time.perf_counter()
         loss, lr = train_epoch(opt, state, epoch, files, tc, device, main and progress)
         state.train_seconds += time.perf_counter() - start
-        val = validate(opt, files, epoch, state.iteration, lr, data)
+        val = validate(opt, files, epoch, state, lr, data)
         stop = keep_best(files, opt.model, state, val[metric_name], epoch, metric_name, tc, main)
+        record = {"epoch": epoch, "iteration": state.iteration, "lr": lr, "train_loss": loss,
+                  "seconds": time.perf_counter() - start, **{f"val_{k}": v for k, v in val.items()}}
+        if tc["test_at_best"] and state.best_epoch == epoch:  # never used to choose: read by budget curves
+            record["best_test"] = test_metrics(opt, data, state)[0]
         state.epoch = epoch + 1
         if main:
-            end_epoch(files, opt, state, {"epoch": epoch, "iteration": state.iteration, "lr": lr, "train_loss": loss,
-                                          "seconds": time.perf_counter() - start,
-                                          **{f"val_{k}": v for k, v in val.items()}})
+            end_epoch(files, opt, state, record)
         if world > 1:
             dist.barrier()
     return test_and_summarise(cfg, files, opt, state, data, metric_name, model_record, device, world, main)
@@ -273,8 +283,9 @@ def train_epoch(opt: Optimisation, state: Progress, epoch: int, files: RunFiles,
         opt.train_set.set_epoch(epoch)
     opt.model.train()
     loss_sum = torch.zeros((), device=device)
-    lr = tc["lr"]
+    lr, steps, waited = tc["lr"], 0, time.perf_counter()
     for step, (x, y) in enumerate(tqdm(opt.loader, desc=f"epoch {epoch}", leave=False, disable=not show)):
+        state.data_seconds += time.perf_counter() - waited
         lr = lr_at(state.iteration, base_lr=tc["lr"], warmup=opt.warmup, plateaus=state.plateaus)
         for group in opt.optimizer.param_groups:
             group["lr"] = lr
@@ -295,20 +306,33 @@ def train_epoch(opt: Optimisation, state: Progress, epoch: int, files: RunFiles,
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
         loss_sum += loss.detach()
-        state.iteration += 1
-    return float(loss_sum) / len(opt.loader), lr
+        state.iteration, steps = state.iteration + 1, steps + 1
+        if tc["steps"] and state.iteration >= tc["steps"]:
+            break  # the step budget ends part-way through this epoch
+        waited = time.perf_counter()
+    return float(loss_sum) / max(1, steps), lr
 
 
-def validate(opt: Optimisation, files: RunFiles, epoch: int, iteration: int, lr: float, data: Data
+def validate(opt: Optimisation, files: RunFiles, epoch: int, state: Progress, lr: float, data: Data
              ) -> dict[str, float]:
     """The validation metrics; NaN or infinite predictions (diverged weights) stop the run before they can be saved
     as best."""
+    start = time.perf_counter()
     probs, targets, _ = predict(opt.train_net, opt.val_set, desc="val", **opt.eval_kw)
+    state.eval_seconds += time.perf_counter() - start
     if not np.isfinite(probs).all():
         raise FloatingPointError(f"{files.path}: the validation predictions are NaN or infinite after epoch {epoch} "
-                                 f"(iteration {iteration}, lr {lr:g}): the run diverged; lower train.lr or set "
+                                 f"(iteration {state.iteration}, lr {lr:g}): the run diverged; lower train.lr or set "
                                  "train.grad_clip")
     return compute_metrics(data.info.task, targets, probs, data.info.classes)
+
+
+def test_metrics(opt: Optimisation, data: Data, state: Progress) -> tuple[dict[str, float], Any, Any, float]:
+    """The model's test metrics, probabilities, targets and forward seconds (the time counts as evaluation)."""
+    start = time.perf_counter()
+    probs, targets, seconds = predict(opt.model, data.datasets["test"], desc="test", **opt.eval_kw)
+    state.eval_seconds += time.perf_counter() - start
+    return compute_metrics(data.info.task, targets, probs, data.info.classes), probs, targets, seconds
 
 
 def keep_best(files: RunFiles, model: FoundationClassifier, state: Progress, value: float, epoch: int,
@@ -328,6 +352,11 @@ def keep_best(files: RunFiles, model: FoundationClassifier, state: Progress, val
     return False
 
 
+def _save_npz(path: Path, **arrays: Any) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez would append .npz to the temporary file's name
+        np.savez(fh, **arrays)
+
+
 def end_epoch(files: RunFiles, opt: Optimisation, state: Progress, record: dict[str, Any]) -> None:
     """Append the epoch's metrics and write the last checkpoint (what a resume starts from)."""
     with open(files.metrics, "a") as fh:
@@ -345,19 +374,22 @@ def test_and_summarise(cfg: dict[str, Any], files: RunFiles, opt: Optimisation, 
     tc, task, model = cfg["train"], data.info.task, opt.model
     best = load_torch(files.checkpoint("best"), map_location=device)
     load_state(model, best["model"], files.checkpoint("best"))
-    probs, targets, seconds = predict(model, data.datasets["test"], desc="test", **opt.eval_kw)
+    test, probs, targets, seconds = test_metrics(opt, data, state)
     summary = {
         "dataset": data.info.name, "task": task, "metric": metric_name, "model": cfg["model"]["name"],
         "scenario": cfg["model"]["scenario"], "freeze_blocks": cfg["model"]["freeze_blocks"],
         "decapitate": cfg["model"]["decapitate"], "img_size": model_record["img_size"],
         "lr": tc["lr"], "seed": int(tc["seed"]), "epochs_run": state.epoch, "iterations": state.iteration,
+        "batch_size": tc["batch_size"],
         "train_size": len(opt.train_set), "train_dropped": world if opt.dropped_last else 0,
         "best_epoch": state.best_epoch, "iterations_to_best": state.best_iteration, "val": {metric_name: state.best},
-        "test": compute_metrics(task, targets, probs, data.info.classes),
-        "inference_ms_per_image": 1000.0 * seconds / len(targets), "train_seconds": state.train_seconds,
+        "test": test, "inference_ms_per_image": 1000.0 * seconds / len(targets),
+        "train_seconds": state.train_seconds, "data_seconds": state.data_seconds, "eval_seconds": state.eval_seconds,
+        "steps_budget": tc["steps"], "channels_last": opt.memory_format == torch.channels_last,
         "world_size": world, "device": str(device), "threads": torch.get_num_threads(),
     }
     if main:
+        atomic(files.predictions, functools.partial(_save_npz, probs=probs, targets=targets))
         write_text(files.summary, json.dumps(summary, indent=2))
         files.checkpoint("last").unlink()
     return summary

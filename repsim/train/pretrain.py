@@ -138,7 +138,9 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
         loader = DataLoader(train_set, batch_sampler=batches, num_workers=tr["num_workers"])
         method.train()
         sums: dict[str, float] = {}
+        waited = time.perf_counter()
         for batch, _ in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            state["data_seconds"] = state.get("data_seconds", 0.0) + time.perf_counter() - waited
             it = state["iteration"]
             lr = lr_peak * (it + 1) / warmup if it < warmup else \
                 cosine_schedule(it - warmup, max(1, total - warmup), lr_peak, tr["min_lr"])
@@ -155,9 +157,12 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
             for key, value in {"loss": float(loss.detach()), **stats}.items():
                 sums[key] = sums.get(key, 0.0) + value
             state["iteration"] += 1
+            waited = time.perf_counter()
         state["train_seconds"] += time.perf_counter() - start
+        evaluated = time.perf_counter()
         rank = spectrum(pooled_features(method.result, data.datasets["val"], batch_size=tr["eval_batch_size"],
                                         device=device).numpy())
+        state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - evaluated
         last = {"epoch": epoch, "iteration": state["iteration"], "lr": lr, "weight_decay": wd,
                 **{k: v / steps_per_epoch for k, v in sums.items()}, "chance_loss": method.chance_loss,
                 "val_effective_rank": rank["effective_rank"], "val_top1_share": rank["top1_share"],
@@ -185,6 +190,8 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
                "final_loss": final["loss"], "teacher_entropy": final.get("teacher_entropy"),
                "chance_loss": final["chance_loss"],
                "val_effective_rank": final["val_effective_rank"], "train_seconds": state["train_seconds"],
+               "data_seconds": state.get("data_seconds", 0.0), "eval_seconds": state.get("eval_seconds", 0.0),
+               "batch_size": bs,
                "device": str(device)}
     write_text(files.summary, json.dumps(summary, indent=2))
     files.checkpoint("last").unlink()

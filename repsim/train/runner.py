@@ -65,18 +65,45 @@ def choose_lr(search: Mapping[str, float]) -> float:
     return float(max(search, key=lambda k: -math.inf if math.isnan(search[k]) else search[k]))
 
 
+MAX_EXTENSIONS = 2  # grid steps added beyond an edge before the search gives up (and says so)
+
+
+def grid_step_beyond(grid: list[float], lr: float) -> float | None:
+    """The next LR beyond the grid's edge when ``lr`` is its smallest or largest value (one geometric step of the
+    grid's adjacent spacing there), else None: ``lr`` lies inside the grid."""
+    ordered = sorted(float(v) for v in grid)
+    if len(ordered) < 2 or ordered[0] < lr < ordered[-1]:
+        return None
+    if lr >= ordered[-1]:
+        return float(f"{ordered[-1] ** 2 / ordered[-2]:.3g}")
+    return float(f"{ordered[0] ** 2 / ordered[1]:.3g}")
+
+
 def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path | None = None,
                    resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """LR search (seed 0, best validation metric) then ``train.seeds`` repeats of one resolved config."""
     tc = cfg["train"]
     grid = list(tc["lr_grid"] or [tc["lr"]])
-    search = {}
-    for lr in grid if len(grid) > 1 else []:
+    search: dict[str, float] = {}
+
+    def try_lr(lr: float) -> None:
         c = copy.deepcopy(cfg)
         c["train"].update(lr=float(lr), seed=0)
         s = train_or_reuse(c, run_dir(exp_dir, lr, 0), data_root, resume, progress)
         search[f"{lr:g}"] = s["val"][s["metric"]]
+
+    for lr in grid if len(grid) > 1 else []:
+        try_lr(lr)
     best_lr = float(grid[0]) if not search else choose_lr(search)
+    extended: list[float] = []
+    while tc["extend_lr_grid"] and len(grid) > 1 and len(extended) < MAX_EXTENSIONS:
+        beyond = grid_step_beyond(grid, best_lr)
+        if beyond is None:
+            break  # the chosen LR lies inside the grid
+        grid = sorted([*grid, beyond])
+        extended.append(beyond)
+        try_lr(beyond)
+        best_lr = choose_lr(search)
     summaries = []
     for seed in range(tc["seeds"]):
         c = copy.deepcopy(cfg)
@@ -87,6 +114,7 @@ def run_experiment(cfg: dict[str, Any], exp_dir: Path, *, data_root: str | Path 
                "scenario": first["scenario"],
                "freeze_blocks": first["freeze_blocks"], "decapitate": first["decapitate"],
                "img_size": first["img_size"], "metric": first["metric"], "lr": best_lr, "lr_search": search,
+               "lr_grid_extended": extended, "lr_on_grid_edge": grid_step_beyond(grid, best_lr) is not None,
                "seeds": list(range(tc["seeds"])), "test": aggregate(summaries),
                "iterations_to_best": stats([s["iterations_to_best"] for s in summaries]),
                "inference_ms_per_image": stats([s["inference_ms_per_image"] for s in summaries])}

@@ -7,6 +7,7 @@ goes, how to find runs, how to load one back. No other module spells these names
         split.json                                   the sample ids of train/val/test
         metrics.jsonl                                one JSON per epoch
         summary.json                                 test metrics of the best checkpoint, best epoch, lr, seed, ...
+        test_predictions.npz                         the best checkpoint's test probabilities and targets
         backbone_init.pt  backbone_best.pt           plain Backbone state dicts (``repsim.models.create(checkpoint=)``)
         checkpoints/init.pt                          its head / stacked classifier before training
         checkpoints/best.pt                          the whole classifier at its best validation epoch
@@ -73,6 +74,11 @@ class RunFiles:
         return self.path / "summary.json"
 
     @property
+    def predictions(self) -> Path:
+        """The best checkpoint's test predictions (``probs``, ``targets``): test-set bootstraps need them."""
+        return self.path / "test_predictions.npz"
+
+    @property
     def lock(self) -> Path:
         """The lock file the trainer's main process holds while it writes the run."""
         return self.path / ".lock"
@@ -95,8 +101,16 @@ class RunFiles:
 
     def all_paths(self) -> list[Path]:
         """Every path the run reads or writes (``check_run_paths`` refuses any that leads outside the run)."""
-        return [self.lock, self.config, self.model, self.split, self.metrics, self.summary, self.backbone("init"),
+        return [self.lock, self.config, self.model, self.split, self.metrics, self.summary, self.predictions,
+                self.backbone("init"),
                 self.backbone("best"), self.checkpoints, *(self.checkpoint(w) for w in ("best", "init", "last"))]
+
+    def read_predictions(self) -> tuple[Any, Any]:
+        """``(probs, targets)`` of the best checkpoint on the test split (numpy arrays)."""
+        import numpy as np
+
+        with np.load(self.predictions) as npz:
+            return npz["probs"], npz["targets"]
 
     def read_summary(self) -> dict[str, Any]:
         return read_json(self.summary)
