@@ -194,12 +194,51 @@ def test_settings_overrides_and_inconsistent_settings_are_named() -> None:
 
 
 def test_natural_preset_plans_the_papers_question() -> None:
-    """The natural preset: three starts of one architecture, 5 seeds, curves with >= 3 seeds, sizes and Fig 8."""
+    """The natural preset: ImageNet, in-domain SSL (DINO on each target's train split), ImageNet -> SSL and scratch of
+    one architecture, one step budget for every start and scenario, 5 seeds, declared primaries, the budget curve."""
+    from repsim.study.plan import plan
+    from repsim.study.workspace import Workspace
+
     s = PRESETS["natural"]
     s.check()
-    assert [st.kind for st in s.starts] == ["pretrained", "source", "scratch"]
+    assert [(st.kind, st.continued) for st in s.starts] == [("pretrained", False), ("ssl", False), ("ssl", True),
+                                                            ("scratch", False)]
     assert s.train["seeds"] == 5 and s.curve_seeds >= 3 and s.cka_seeds == 5 and len(s.train["lr_grid"]) >= 3
+    assert s.train["steps"] == max(s.budget_points) and s.train["extend_lr_grid"] and s.train["test_at_best"]
+    assert not s.frozen_train and all(set(u) <= {"patience"} for u in s.target_train.values())  # equal budgets
     keys = {(st.name, t, sc) for st, t, sc in s.experiments()}
-    assert ("imagenet", "pneumoniamnist", "unfrozen-linear") in keys
-    assert ("scratch", "retinamnist", "unfrozen-stacked") in keys and ("in-domain", "retinamnist", "frozen-stacked")
+    assert {("ssl", t, sc) for t in s.targets for sc in ("frozen-linear", "unfrozen-linear")} <= keys
+    assert ("imagenet", "retinamnist", "unfrozen-stacked") in keys and ("scratch", "breastmnist", "unfrozen-stacked") \
+        not in keys  # the first cut of the issue's order after ImageNet -> SSL's stacked runs
+    assert ("ssl", "imagenet", "frozen-linear") in s.primaries and ("imagenet", "scratch", "unfrozen-linear") in \
+        s.primaries
+    ws = Workspace(s, "/nonexistent-study")
+    ssl = [e for e in plan(ws) if e.kind == "pretrain"]
+    assert sorted(str(e.key) for e in ssl) == [f"ssl/{st}/{t}" for st in ("imagenet-ssl", "ssl")
+                                               for t in sorted(s.targets)]
+    assert all(e.cfg["data"]["img_size"] == 48 and e.cfg["method"] == "dino" for e in ssl)
+    assert {e.cfg["model"]["pretrained"] for e in ssl} == {True, False}
     assert s.sizes == ("efficientnet_lite1", "efficientnet_lite2") and "mobilenetv2_imagenet" in s.fig8_models
+
+
+def test_ssl_starts_pretrain_on_each_target_and_a_collapsed_start_is_a_finding(tiny_root: Path, tmp_path: Path) -> None:
+    """An ssl start pretrains (DINO) on the target's own train split and fine-tunes from its teacher backbone; a
+    start whose pretraining collapses is never fine-tuned: its experiments are listed as skipped, with the reason."""
+    small = {"freeze_blocks": [], "decapitate": [], "scenarios": ("frozen-linear",), "cka_seeds": 1, "curve_seeds": 1,
+             "train": {**PRESETS["tiny"].train, "seeds": 1, "lr_grid": None, "lr": 1e-3}}
+    ssl = {"method": "dino", "train": {"epochs": 1, "batch_size": 16, "num_workers": 0},
+           "views": {"local_crops": 0}}  # the tiny ViT takes 28 px only
+    good = replace(PRESETS["tiny"], starts=(Start("ssl", "ssl"), Start("scratch", "scratch")), targets=("breastmnist",),
+                   ssl=ssl, **small)
+    summary = Study(good, tmp_path / "good", data_root=tiny_root).run()
+    run = tmp_path / "good" / "ssl" / "ssl" / "breastmnist"
+    assert summary["ssl"]["ssl"]["breastmnist"]["epochs_run"] == 1 and (run / "backbone_best.pt").is_file()
+    (ft,) = find_runs(tmp_path / "good" / "finetune" / "ssl" / "breastmnist" / "frozen-linear")
+    assert yaml.safe_load((ft / "config.yaml").read_text())["model"]["checkpoint"] == str(run / "backbone_best.pt")
+    assert json.loads((run / "split.json").read_text())["train"] == json.loads((ft / "split.json").read_text())["train"]
+
+    bad = replace(good, ssl={**ssl, "collapse": {"min_rank": 1.0e9, "patience": 1}})
+    summary = Study(bad, tmp_path / "bad", data_root=tiny_root).run()
+    assert "collapsed at epoch 0" in summary["ssl"]["ssl"]["breastmnist"]["collapsed"]
+    assert set(summary["skipped"]) == {"finetune/ssl/breastmnist/frozen-linear", "knn/ssl/breastmnist"}
+    assert "ssl" not in summary["finetune"] and "scratch" in summary["finetune"]

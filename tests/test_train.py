@@ -123,9 +123,13 @@ def _finish(proc: subprocess.Popen, out: Path) -> None:
     assert proc.wait(timeout=300) == 0, out.with_suffix(".log").read_text()[-3000:]
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(data_root, tmp_path) -> None:
+@pytest.mark.parametrize(("model", "budget"), [(TINY_VIT, {"epochs": 3}), (TINY_CNN, {"steps": 40})],
+                         ids=["vit-epochs", "cnn-channels-last-steps"])
+def test_resume_after_sigkill_matches_uninterrupted_run(data_root, tmp_path, model, budget) -> None:
+    """Also under the defaults a convnet gets (channels_last) and a step budget that ends part-way through an
+    epoch (40 steps of 17 per epoch)."""
     spec = tmp_path / "resume.yaml"
-    spec.write_text(yaml.safe_dump(medmnist_spec("breastmnist", TINY_VIT, epochs=3, patience=1)))
+    spec.write_text(yaml.safe_dump(medmnist_spec("breastmnist", model, patience=1, **budget)))
     full, killed = _cli(spec, data_root, tmp_path / "full"), _cli(spec, data_root, tmp_path / "killed")
     metrics = tmp_path / "killed/breastmnist/lr0.001/seed0/metrics.jsonl"  # flat: <out>/<spec name>/lr/seed
     deadline = time.time() + 240
@@ -139,6 +143,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_root, tmp_path) -> 
     a, b = only_run(tmp_path / "full"), only_run(tmp_path / "killed")
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sa["test"] == sb["test"] and sa["best_epoch"] == sb["best_epoch"] and sa["epochs_run"] == sb["epochs_run"]
+    assert sa["channels_last"] == (model is TINY_CNN) and sa["iterations"] == budget.get("steps", sa["iterations"])
     def epochs(run_dir: Path) -> list[dict]:  # per-epoch records without the wall-clock time
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in lines]

@@ -115,5 +115,6 @@ def _target_matrices(ws: Workspace, finetune: Mapping[str, Any], target: str,
         for run in runs(stacked or "", sc)[:1]:
             c = Comparison("figA1", stacked or "", sc)
             mats[c] = cached(c, functools.partial(before_after, run, "classifier"), run=str(run))
-    mats[Comparison("fig8")] = cached(Comparison("fig8"), fig8)
+    if s.fig8_models or any(runs(st.name, "unfrozen-linear") for st in s.starts):
+        mats[Comparison("fig8")] = cached(Comparison("fig8"), fig8)
     return mats

@@ -40,7 +40,7 @@ def comparisons(finetune: Mapping[str, Mapping[str, Mapping[str, dict]]], first:
     for other in finetune:
         if other == first:
             continue
-        for target, by_scenario in finetune[first].items():
+        for target, by_scenario in finetune.get(first, {}).items():
             for scenario, res in by_scenario.items():
                 theirs = finetune[other].get(target, {}).get(scenario)
                 if theirs is None:

@@ -224,8 +224,10 @@ def set_up_optimisation(cfg: dict[str, Any], model: FoundationClassifier, data: 
         # eval transform, so without augmentation: seconds instead of a forward pass per sample and epoch
         cache_kw = {"batch_size": tc["eval_batch_size"] or tc["batch_size"], "device": device,
                     "num_workers": tc["num_workers"]}
+        model.to(memory_format=torch.contiguous_format)  # the cache is the same with or without channels_last
         train_set = backbone_outputs(model, data.datasets["train_eval"], **cache_kw)
         val_set = backbone_outputs(model, val_set, **cache_kw)
+        model.to(memory_format=memory_format(model, tc["channels_last"]))
         train_net = HeadOnOutputs(model)
     optimizer = torch.optim.AdamW(param_groups(model, tc["weight_decay"]), lr=tc["lr"])
     amp_dtype = None
