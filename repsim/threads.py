@@ -1,10 +1,13 @@
-"""Intra-op threads chosen for the work: small models run faster on one thread.
+"""Intra-op threads chosen for the work: a small model uses every core only on an idle machine.
 
-Measured on 2 shared cores (README, "Threads"): a 2-block ViT at 28 px trained 2.6x slower with torch's default
-2 threads than with 1 (65 s vs 25 s for the ``breastmnist_tiny`` spec), because every small op then waits on an
-OpenMP thread; large models (DeiT-B at 224 px) need every core. ``auto_threads`` measures a model's forward FLOPs
-per sample and picks one thread below ``SMALL_GFLOP``, else keeps the process's count. ``OMP_NUM_THREADS`` or
-``REPSIM_THREADS`` in the environment pin the count instead.
+Measured on 2 cores (README, "Threads"; ``bench/threads.py``, ``bench/train_throughput.py``): on a quiet machine
+EfficientNet-Lite0 at 48 px trains 1.4x faster on 2 threads than on 1 (channels_last), but with other work on the
+cores a small model's many short ops wait on OpenMP threads that cannot run, and 2 threads train 3-7x SLOWER than 1
+(a 2-block ViT at 28 px: 65 s vs 25 s for the ``breastmnist_tiny`` spec). ``auto_threads`` counts a model's forward
+FLOPs per sample: from ``SMALL_GFLOP`` up it keeps the process's count (DeiT-B at 224 px needs every core); below, it
+keeps it only while the machine is idle (1-minute load average under ``IDLE_LOAD``), else one thread.
+``OMP_NUM_THREADS`` or ``REPSIM_THREADS`` in the environment pin the count instead. A resumed training run reuses
+the count it started with (``repsim.train.loop``), so its numbers stay bit-identical.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-SMALL_GFLOP = 1.0  # forward GFLOP per sample below which one thread is the faster choice here (bench/threads.py)
+SMALL_GFLOP = 1.0  # forward GFLOP per sample below which threads pay only on an idle machine (bench/threads.py)
+IDLE_LOAD = 0.5  # 1-minute load average below which the machine counts as idle
 
 
 def forward_gflop(model: nn.Module, sample: torch.Tensor) -> float:
@@ -36,7 +40,8 @@ def forward_gflop(model: nn.Module, sample: torch.Tensor) -> float:
 
 def auto_threads(model: nn.Module, sample: torch.Tensor) -> int:
     """Threads for training or evaluating ``model``: ``REPSIM_THREADS`` when set, the current count when
-    ``OMP_NUM_THREADS`` is set, else 1 for a model under ``SMALL_GFLOP`` per sample and the current count above."""
+    ``OMP_NUM_THREADS`` is set, else the current count for a model of ``SMALL_GFLOP`` per sample or more, or for a
+    smaller one on an idle machine (``machine_is_idle``), and 1 otherwise."""
     pinned = os.environ.get("REPSIM_THREADS")
     if pinned:
         if not pinned.isdigit() or int(pinned) < 1:
@@ -44,7 +49,14 @@ def auto_threads(model: nn.Module, sample: torch.Tensor) -> int:
         return int(pinned)
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    return 1 if forward_gflop(model, sample) < SMALL_GFLOP else torch.get_num_threads()
+    if torch.get_num_threads() == 1 or forward_gflop(model, sample) >= SMALL_GFLOP or machine_is_idle():
+        return torch.get_num_threads()
+    return 1
+
+
+def machine_is_idle() -> bool:
+    """Whether the 1-minute load average is under ``IDLE_LOAD`` (no other work competing for the cores)."""
+    return os.getloadavg()[0] < IDLE_LOAD
 
 
 @contextmanager

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -71,6 +72,15 @@ def epochs_of(tc: dict[str, Any], steps_per_epoch: int) -> int:
     return math.ceil(tc["steps"] / steps_per_epoch) if tc["steps"] else tc["epochs"]
 
 
+def resumed_threads(files: RunFiles, resume: bool) -> int | None:
+    """The intra-op threads a run being resumed started with (None for a new run, or when the environment pins
+    them): the same count keeps its numbers bit-identical."""
+    last = files.checkpoint("last")
+    if not resume or not last.exists() or os.environ.get("REPSIM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return load_torch(last)["state"].get("threads")
+
+
 def is_better(value: float, best: float | None) -> bool:
     """Whether a validation value improves on the best so far (the first always does; NaN never beats a number,
     any number beats NaN)."""
@@ -95,6 +105,7 @@ class Progress:
     train_seconds: float = 0.0
     data_seconds: float = 0.0  # of train_seconds: waiting for the next batch (decode, augmentation, collate)
     eval_seconds: float = 0.0  # validation (and test_at_best) forward passes
+    threads: int | None = None  # intra-op threads the run started with (a resume keeps them)
 
 
 @dataclass
@@ -139,12 +150,14 @@ def _train(cfg: dict[str, Any], files: RunFiles, *, data_root: str | Path | None
     data, metric_name = prepare_data(cfg, data_root)
     model, model_record = build_model(cfg, data)  # same init on every process: same seed
     model.to(device, memory_format=memory_format(model, tc["channels_last"]))
-    if device.type == "cpu":  # one thread for a small model: many short ops lose to OpenMP waits (repsim.threads)
-        torch.set_num_threads(auto_threads(model, data.datasets["val"][0][0][None].to(device)))
+    if device.type == "cpu":  # a small model on a busy machine: one thread (repsim.threads); a resume: as before
+        torch.set_num_threads(resumed_threads(files, resume) or
+                              auto_threads(model, data.datasets["val"][0][0][None].to(device)))
     if main:
         write_run_start(files, cfg, model, model_record, data)
     opt = set_up_optimisation(cfg, model, data, device, rank, world, progress)
     state = resume_state(files, opt if resume else None, device, main)
+    state.threads = state.threads or torch.get_num_threads()
     if world > 1:
         opt.net = DistributedDataParallel(opt.train_net, device_ids=[device.index] if device.type == "cuda" else None)
 
