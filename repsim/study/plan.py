@@ -51,7 +51,9 @@ def _experiment(ws: Workspace, place: Place, weights: Mapping[str, Any], *, mode
                           train_block(ws, target, scenario, **(train or {})))
     cached = scenario.startswith("frozen-") and cfg["train"]["cache_frozen"]
     runs = len(cfg["train"]["lr_grid"] or [0]) + int(cfg["train"]["seeds"])
-    cost = _SIZE_HINT.get(target, 1000) * cfg["train"]["epochs"] * runs * (0.02 if cached else 1.0)
+    tc = cfg["train"]
+    images = tc["steps"] * tc["batch_size"] if tc["steps"] else _SIZE_HINT.get(target, 1000) * tc["epochs"]
+    cost = images * runs * (0.02 if cached else 1.0)
     return Experiment(place, cfg, ws.folder(place), cost=cost, **kw)
 
 
@@ -74,9 +76,8 @@ def _ssl(ws: Workspace, start: Start, target: str) -> Experiment:
     cfg["model"] = {**cfg.get("model", {}), "name": s.model, "kwargs": dict(s.model_kwargs),
                     "pretrained": start.continued, "checkpoint": None}
     cfg.setdefault("train", {})["device"] = ws.device
-    epochs = int(resolve_config(cfg)["train"]["epochs"])
     return Experiment(Place("ssl", start.name, target), resolve_config(cfg), ws.ssl_folder(start, target),
-                      kind="pretrain", cost=_SIZE_HINT.get(target, 1000) * epochs * 4.0)
+                      kind="pretrain", cost=float("inf"))  # first: what waits for it is the longest path
 
 
 def plan(ws: Workspace) -> list[Experiment]:
