@@ -194,12 +194,16 @@ def test_settings_overrides_and_inconsistent_settings_are_named() -> None:
 
 
 def test_natural_preset_plans_the_papers_question() -> None:
-    """The natural preset: three starts of one architecture, 5 seeds, curves with >= 3 seeds, sizes and Fig 8."""
+    """The natural preset: ImageNet, in-domain SSL (from scratch and continued from ImageNet) and scratch starts of
+    one architecture, 5 seeds, declared primaries, a budget curve within the step budget, curves with >= 3 seeds,
+    sizes and Fig 8."""
     s = PRESETS["natural"]
     s.check()
-    assert [st.kind for st in s.starts] == ["pretrained", "source", "scratch"]
+    assert [st.kind for st in s.starts] == ["pretrained", "ssl", "ssl", "scratch"]
     assert s.train["seeds"] == 5 and s.curve_seeds >= 3 and s.cka_seeds == 5 and len(s.train["lr_grid"]) >= 3
     keys = {(st.name, t, sc) for st, t, sc in s.experiments()}
-    assert ("imagenet", "pneumoniamnist", "unfrozen-linear") in keys
-    assert ("scratch", "retinamnist", "unfrozen-stacked") in keys and ("in-domain", "retinamnist", "frozen-stacked")
+    assert {(a, t, sc) for a, b, sc in s.primaries for t in s.targets} <= keys
+    assert {(b, t, sc) for a, b, sc in s.primaries for t in s.targets} <= keys
+    assert ("imagenet", "retinamnist", "unfrozen-stacked") in keys and ("ssl", "breastmnist", "frozen-stacked") in keys
+    assert max(s.budget_points) <= s.train["steps"] and s.stat_boot >= 1000
     assert s.sizes == ("efficientnet_lite1", "efficientnet_lite2") and "mobilenetv2_imagenet" in s.fig8_models
