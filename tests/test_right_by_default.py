@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -278,9 +277,11 @@ def test_row16_help_progress_and_interrupt(tmp_path: Path) -> None:
     out = _cli("cka", "--model-a", "test_resnet", "--img-size", "32", "--n-samples", "32", "--batch-size", "16",
                "--out", str(tmp_path))
     assert "2/2" in out.stderr  # the progress bar has a total
-    from repsim.study.stats import paired_difference
+    from repsim.study.stats import paired_bootstrap
 
-    assert math.isnan(paired_difference([0.5], [0.4])["lower"])  # one seed: no interval, printed as words
+    y, score = np.array([0, 1] * 10), np.random.default_rng(0).random(20)
+    one = paired_bootstrap({0: (np.stack([1 - score, score], 1), y)}, {0: (np.full((20, 2), 0.5), y)}, "auc", 200)
+    assert one["n_seeds"] == 1 and one["lower"] < one["upper"]  # one seed: still the test set's sampling interval
 
 
 def test_row7_small_models_train_on_one_thread_unless_the_machine_is_idle(data_root: Path, tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import yaml
 from repsim.cli import main
 from repsim.study import PRESETS, Start, Study, resolved_config, settings_with
 from repsim.study.scheduler import Experiment, Scheduler, Workers
-from repsim.study.stats import paired_difference, run_flags
 from repsim.train.runs import find_runs, load_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,10 +71,13 @@ def test_every_stage_writes_its_results(study_dir: Path) -> None:
     full = summary["finetune"]["in-domain"]["breastmnist"]["unfrozen-linear"]["test"]["auc"]["values"]
     point = summary["curves"]["freezing"]["in-domain"]["breastmnist"]["unfrozen-linear"]["freeze_blocks0"]
     assert point["test"]["auc"]["values"] == full
-    # paired differences: in-domain minus scratch for every scenario, with a verdict
-    assert {(p["scenario"], p["a"], p["b"]) for p in summary["paired"]} == {(s, "in-domain", "scratch")
-                                                                            for s in scenarios}
-    assert all(p["verdict"] in ("helps", "hurts", "no evidence") for p in summary["paired"])
+    # paired differences: in-domain minus scratch for every scenario (no primaries: all secondary), from the
+    # bootstrap over both seeds and the 48 test images, with Holm-adjusted p and a verdict
+    assert {(p["family"], p["scenario"], p["a"], p["b"]) for p in summary["paired"]} == {
+        ("secondary", s, "in-domain", "scratch") for s in scenarios}
+    assert all(p["verdict"] in ("helps", "hurts", "no evidence") and p["p"] <= p["p_holm"] and p["n_seeds"] == 2
+               and p["n_images"] == SIZES["test"] for p in summary["paired"])
+    assert summary["classes"] == {"breastmnist": 2} and summary["models"]["tokens"]["tokens"] == 16  # 28 px / 7
     # the pretraining run is the start of every in-domain run; frozen runs trained on cached outputs
     (run,) = find_runs(study_dir / "pretrain" / "pneumoniamnist")
     cfg = yaml.safe_load((find_runs(study_dir / "finetune" / "in-domain" / "breastmnist" / "frozen-linear")[0]
@@ -83,7 +85,8 @@ def test_every_stage_writes_its_results(study_dir: Path) -> None:
     assert cfg["model"]["checkpoint"] == str(run / "backbone_best.pt") and cfg["train"]["cache_frozen"]
     assert cfg["train"]["epochs"] == 3  # frozen_train overrides train for the frozen scenarios
     tables = (study_dir / "tables.md").read_text()
-    for heading in ("Paired differences", "LR search", "k-NN", "Fig 4", "Fig 5", "Fig 7", "Flagged runs"):
+    for heading in ("Paired differences", "Secondary comparisons", "LR search", "still improving", "k-NN", "Fig 4",
+                    "Fig 5", "Fig 7", "Clock per stage", "Flagged runs"):
         assert heading in tables
     for name in summary["figures"].values():
         assert (study_dir / name).stat().st_size > 5000
@@ -152,32 +155,6 @@ def test_scheduler_refuses_unknown_and_circular_dependencies(tmp_path: Path) -> 
                        Experiment("b", cfg, tmp_path / "b", lr_from="a")])
 
 
-def test_paired_difference_matches_scipy_and_says_a_verdict() -> None:
-    from scipy import stats
-
-    a, b = [0.81, 0.84, 0.79, 0.86, 0.83], [0.71, 0.77, 0.75, 0.74, 0.78]
-    got = paired_difference(a, b)
-    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
-    assert got["lower"] == pytest.approx(ci.low, abs=1e-12) and got["upper"] == pytest.approx(ci.high, abs=1e-12)
-    assert got["verdict"] == "helps" and paired_difference(b, a)["verdict"] == "hurts"
-    assert paired_difference([0.5, 0.7, 0.6], [0.6, 0.6, 0.6])["verdict"] == "no evidence"
-    assert paired_difference([0.5], [0.4])["verdict"] == "no evidence"
-    with pytest.raises(ValueError, match="equal lengths"):
-        paired_difference([1.0], [1.0, 2.0])
-
-
-def test_run_flags_name_runs_that_did_not_train(tmp_path: Path) -> None:
-    for seed, (best, run, auc) in enumerate([(0, 5, 0.8), (11, 12, 0.9), (4, 9, 0.5), (5, 9, 0.8)]):
-        folder = tmp_path / f"lr0.001/seed{seed}"
-        folder.mkdir(parents=True)
-        (folder / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 12}}))
-        (folder / "summary.json").write_text(json.dumps({"best_epoch": best, "epochs_run": run, "metric": "auc",
-                                                         "test": {"auc": auc}, "lr": 1e-3, "seed": seed}))
-    flags = {f["seed"]: f["reasons"] for f in run_flags(tmp_path)}
-    assert flags == {0: ["best validation epoch is the first"], 1: ["still improving at the last epoch"],
-                     2: ["test auc 0.500 at chance level"]}
-
-
 def test_settings_overrides_and_inconsistent_settings_are_named() -> None:
     s = settings_with(PRESETS["tiny"], ["train.epochs=3", "targets=[breastmnist]", "n_boot=50"])
     assert s.train["epochs"] == 3 and s.train["seeds"] == 2 and s.targets == ("breastmnist",) and s.n_boot == 50
@@ -218,6 +195,10 @@ def test_natural_preset_plans_the_papers_question() -> None:
                                                for t in sorted(s.targets)]
     assert all(e.cfg["data"]["img_size"] == 48 and e.cfg["method"] == "dino" for e in ssl)
     assert {e.cfg["model"]["pretrained"] for e in ssl} == {True, False}
+    assert {(a, t, sc) for a, b, sc in s.primaries for t in s.targets} <= keys
+    assert {(b, t, sc) for a, b, sc in s.primaries for t in s.targets} <= keys
+    assert ("imagenet", "retinamnist", "unfrozen-stacked") in keys and ("ssl", "breastmnist", "frozen-stacked") in keys
+    assert max(s.budget_points) <= s.train["steps"] and s.stat_boot >= 1000
     assert s.sizes == ("efficientnet_lite1", "efficientnet_lite2") and "mobilenetv2_imagenet" in s.fig8_models
 
 

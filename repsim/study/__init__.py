@@ -6,14 +6,17 @@ linear head/stacked classifier). Every start x target x scenario is an experimen
 0), then seeds at the chosen LR. Around them: k-NN on frozen features (Fig 2), progressive freezing (Fig 4) and
 decapitation (Fig 5) curves, other model sizes frozen (Fig 6), CKA before vs after fine-tuning for every start with
 a null reference (Fig 7), the stacked classifier before vs after (Fig A.1), last-block CKA across backbones (Fig 8),
-paired differences between starts with 95% CIs and flags for runs that did not train.
+paired differences between starts with 95% intervals from a bootstrap over seeds and test images (declared
+primaries and the rest as two Holm-adjusted families), the budget curve, the clock per stage and flags for runs
+that did not train.
 
 ``run_study("natural", out, data_root=...)`` runs a preset (``PRESETS``); ``Study(settings, out).run()`` any
 ``Settings``. Re-running resumes: finished runs and CKA files are reused. The modules, in the one direction the
 study flows: ``settings`` (what runs) -> ``results`` (the result structures, numpy/xarray only) -> ``workspace``
 (paths, data blocks, backbones) -> ``scheduler`` (runs in worker processes by dependency) -> ``plan`` (the trainer
-experiments) -> ``similarity`` (CKA) -> ``stats``, ``figures``, ``outputs`` (tables, figures, ``study.json``) ->
-``pipeline`` (the stages in order) -> ``demo`` (``repsim demo``).
+experiments) -> ``similarity`` (CKA) -> ``bootstrap``, ``stats``, ``clock`` (intervals, flags, budget, time) ->
+``figures``, ``tables``, ``outputs`` (figures, ``tables.md``, ``study.json``) -> ``pipeline`` (the stages in order)
+-> ``demo`` (``repsim demo``).
 """
 
 from __future__ import annotations

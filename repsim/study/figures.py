@@ -1,6 +1,8 @@
-"""The study's figures: results per start (headline), k-NN (Fig 2), freezing and decapitation curves (Figs 4, 5),
-model size (Fig 6), CKA before vs after with the null reference (Fig 7), the stacked classifier (Fig A.1) and the
-last block across backbones (Fig 8). Each returns a matplotlib Figure (never shown), or None when there is no data."""
+"""The study's figures: results per start (headline), the paired differences (forest plot), the budget curve, k-NN
+(Fig 2), freezing and decapitation curves (Figs 4, 5), model size (Fig 6), CKA before vs after with the null
+reference (Fig 7), the stacked classifier (Fig A.1) and the last block across backbones (Fig 8). Each returns a
+matplotlib Figure (never shown), or None when there is no data. Every metric axis shows the chance level of its
+metric (``repsim.study.stats.chance_level``; ``classes`` gives each target's number of classes)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from repsim.study.results import Matrices
 from repsim.study.settings import Settings, Start
+from repsim.study.stats import chance_level, metric_label
 
 ByStart = Mapping[str, Mapping[str, Mapping[str, dict]]]
+VERDICT_COLOURS = {"helps": "tab:green", "hurts": "tab:red", "no evidence": "grey"}
 
 
 def _axes(n: int, title: str, width: float = 4.2, height: float = 3.2) -> tuple[Figure, Any]:
@@ -40,7 +45,21 @@ def _colour(name: str, order: Sequence[str], spare: int = 0) -> str:
     return f"C{order.index(name) if name in order else len(order) + spare}"
 
 
-def transfer(ft: ByStart, starts: Sequence[Start]) -> Figure | None:
+def _metric_axis(ax: Any, metric: str, classes: int | None, what: str = "test") -> None:
+    """Label a metric axis and draw the metric's chance level on it (dotted, in the legend)."""
+    ax.set_ylabel(f"{what} {metric_label(metric)}")
+    level = chance_level(metric, classes) if metric else None
+    if level is not None:
+        ax.axhline(level, color="black", linewidth=0.8, linestyle=":", label=f"chance ({level:.3g})")
+
+
+def _legend(ax: Any) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+
+
+def transfer(ft: ByStart, starts: Sequence[Start], classes: Mapping[str, int]) -> Figure | None:
     """Test metric per scenario, one marker per start: mean ± std and every seed as a dot."""
     targets = _targets(ft)
     if not targets:
@@ -62,13 +81,73 @@ def transfer(ft: ByStart, starts: Sequence[Start]) -> Figure | None:
                             label=st if j == 0 or sc == scenarios[0] else None)
                 ax.scatter(np.full(len(v["values"]), j + offset + 0.06), v["values"], s=6, color=colour, alpha=0.5)
         ax.set_xticks(range(len(scenarios)), [sc.replace("-", "\n") for sc in scenarios], fontsize=7)
-        ax.set(title=t, ylabel=f"test {metric}")
-        handles, labels = ax.get_legend_handles_labels()
-        ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
+        ax.set_title(t)
+        _metric_axis(ax, metric, classes.get(t))
+        _legend(ax)
     return fig
 
 
-def knn(knn_res: ByStart, sizes: ByStart, order: Sequence[str]) -> Figure | None:
+def forest(paired: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """The paired differences a − b with their 95% bootstrap intervals, one row each, per target: filled circles
+    the primary comparisons, open squares the secondary ones; colour and row label the verdict from the
+    Holm-adjusted p within the family."""
+    targets = list(dict.fromkeys(p["target"] for p in paired))
+    if not targets:
+        return None
+    rows = max(sum(p["target"] == t for p in paired) for t in targets)
+    fig, axes = _axes(len(targets), "Paired differences between starts (a − b; 95% bootstrap CI over seeds and test "
+                      "images; filled: primary, open: secondary; verdict from the Holm-adjusted p within its family)",
+                      width=5.6, height=1.3 + 0.5 * rows)
+    for ax, t in zip(axes, targets):
+        mine = list(reversed([p for p in paired if p["target"] == t]))  # the first row on top
+        for y, p in enumerate(mine):
+            colour, primary = VERDICT_COLOURS[p["verdict"]], p["family"] == "primary"
+            ax.errorbar(p["mean"], y, xerr=[[p["mean"] - p["lower"]], [p["upper"] - p["mean"]]],
+                        fmt="o" if primary else "s", color=colour, mfc=colour if primary else "white", capsize=3)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(mine)), [f"{p['a']} − {p['b']}, {p['scenario']}\n{p['family']}: p {p['p']:.3f}, "
+                                         f"Holm {p['p_holm']:.3f}: {p['verdict']}" for p in mine], fontsize=7)
+        for label, p in zip(ax.get_yticklabels(), mine):
+            label.set_color(VERDICT_COLOURS[p["verdict"]])
+        ax.set_ylim(-0.7, len(mine) - 0.3)
+        ax.set(title=t, xlabel=f"difference in test {metric_label(mine[0]['metric'])}")
+    return fig
+
+
+def budget(curve_res: Mapping[str, Mapping[str, Mapping[str, Any]]], order: Sequence[str],
+           classes: Mapping[str, int]) -> Figure | None:
+    """The validation-selected test metric after B optimiser steps (log2 axis), per start: mean ± std over seeds
+    and every seed as a dot."""
+    targets = list(dict.fromkeys(t for by_t in curve_res.values() for t in by_t))
+    if not targets:
+        return None
+    fig, axes = _axes(len(targets), "Budget curve: test metric of the best-on-validation checkpoint after B "
+                      "optimiser steps (mean ± std; dots: seeds)")
+    for ax, t in zip(axes, targets):
+        metric, ticks = "", set()
+        for start, by_t in _in_order(curve_res, order):
+            if t not in by_t:
+                continue
+            r = by_t[t]
+            metric, colour = r["metric"], _colour(start, order)
+            budgets = sorted(r["points"], key=int)
+            xs = [int(b) for b in budgets]
+            ticks.update(xs)
+            ax.errorbar(xs, [r["points"][b]["mean"] for b in budgets], yerr=[r["points"][b]["std"] for b in budgets],
+                        marker="o", capsize=3, color=colour, label=f"{start} ({r['scenario']})")
+            for x, b in zip(xs, budgets):
+                ax.scatter(np.full(len(r["points"][b]["values"]), x * 1.04), r["points"][b]["values"], s=6,
+                           color=colour, alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ticks), [str(b) for b in sorted(ticks)])
+        ax.minorticks_off()
+        ax.set(title=t, xlabel="optimiser steps B (log2 axis)")
+        _metric_axis(ax, metric, classes.get(t))
+        _legend(ax)
+    return fig
+
+
+def knn(knn_res: ByStart, sizes: ByStart, order: Sequence[str], classes: Mapping[str, int]) -> Figure | None:
     """k-NN test metric of each start's frozen features (and of the size variants), per target."""
     targets = _targets(knn_res)
     if not targets:
@@ -81,38 +160,62 @@ def knn(knn_res: ByStart, sizes: ByStart, order: Sequence[str]) -> Figure | None
         ax.bar(range(len(bars)), [r["test"][metric]["mean"] for _, r in bars],
                color=[_colour(n, order, j) for j, (n, _) in enumerate(bars)])
         ax.set_xticks(range(len(bars)), [textwrap.fill(n, 12) for n, _ in bars], fontsize=7)
-        ax.set(title=t, ylabel=f"test {metric}")
-    return fig
-
-
-def curve(curves: Mapping[str, Any], ft: ByStart, name: str, order: Sequence[str]) -> Figure | None:
-    """Test metric against blocks frozen (Fig 4) or kept (Fig 5), per target: mean ± std over the curve's seeds."""
-    if name not in curves:
-        return None
-    by_start = curves[name]
-    targets = list(dict.fromkeys(t for by_t in by_start.values() for t in by_t))
-    title = ("Fig 4: progressive freezing (first k blocks frozen, linear head)" if name == "freezing"
-             else "Fig 5: decapitation (first k blocks kept, frozen)")
-    fig, axes = _axes(len(targets), title + "; mean ± std over seeds")
-    for ax, t in zip(axes, targets):
-        metric = ""
-        for start, by_t in _in_order(by_start, order):
-            for sc, points in by_t.get(t, {}).items():
-                ks = sorted(points)
-                metric = points[ks[0]]["metric"]
-                ax.errorbar(ks, [points[p]["test"][metric]["mean"] for p in ks],
-                            yerr=[points[p]["test"][metric]["std"] for p in ks], marker="o", capsize=3,
-                            color=_colour(start, order), label=f"{start} {sc}" if name == "decapitation" else start)
-        scratch = ft.get("scratch", {}).get(t, {}).get("unfrozen-linear")
-        if scratch is not None and metric:
-            ax.axhline(scratch["test"][metric]["mean"], color="grey", linestyle="--", label="scratch, unfrozen-linear")
-        ax.set(title=t, xlabel="blocks frozen" if name == "freezing" else "blocks kept", ylabel=f"test {metric}")
+        ax.set_title(t)
+        _metric_axis(ax, metric, classes.get(t))
         ax.legend(fontsize=7)
     return fig
 
 
-def sizes(size_res: ByStart, ft: ByStart, settings: Settings) -> Figure | None:
-    """Fig 6 analogue: frozen-scenario test metric against model size (the study's model first)."""
+def frozen_end(depth: int, after: Sequence[str]) -> str:
+    """What the freezing curve's last point is: every block frozen, and what still trains after them (the modules
+    between the last block and the head, e.g. EfficientNet's ``conv_head`` and ``bn2``)."""
+    return f"all {depth} blocks frozen" + (f" ({', '.join(after)} + head train)" if after else " (head trains)")
+
+
+def curve(curves: Mapping[str, Any], ft: ByStart, name: str, order: Sequence[str], classes: Mapping[str, int],
+          depth: int, reference: str | None = None, after: Sequence[str] = ()) -> Figure | None:
+    """Test metric against k, the number of blocks frozen (Fig 4; k = 0: none, the full unfrozen run) or kept
+    (Fig 5), counted the same way (the first k blocks, 1-based), per target: mean ± std over the curve's seeds. Grey:
+    the ``reference`` start's full run in the scenario of each curve drawn."""
+    if name not in curves:
+        return None
+    by_start = curves[name]
+    targets = list(dict.fromkeys(t for by_t in by_start.values() for t in by_t))
+    freezing = name == "freezing"
+    title = ("Fig 4: progressive freezing (first k blocks frozen, unfrozen-linear)" if freezing
+             else "Fig 5: decapitation (first k blocks kept)")
+    fig, axes = _axes(len(targets), title + "; mean ± std over seeds", width=4.6)
+    for ax, t in zip(axes, targets):
+        metric, drawn = "", []
+        for start, by_t in _in_order(by_start, order):
+            for sc, points in by_t.get(t, {}).items():
+                ks = sorted(points)
+                metric = points[ks[0]]["metric"]
+                means = [points[p]["test"][metric]["mean"] for p in ks]
+                ax.errorbar(ks, means, yerr=[points[p]["test"][metric]["std"] for p in ks], marker="o", capsize=3,
+                            color=_colour(start, order), label=f"{start}, {sc}")
+                drawn.append(sc)
+                if freezing and ks[-1] == depth:
+                    ax.annotate(frozen_end(depth, after), (depth, means[-1]), xytext=(-4, 10),
+                                textcoords="offset points", ha="right", fontsize=7)
+        for i, sc in enumerate(dict.fromkeys(drawn)):
+            ref = ft.get(reference or "", {}).get(t, {}).get(sc)
+            if ref is not None:
+                ax.axhline(ref["test"][metric]["mean"], color="grey", linestyle=("--", "-.")[i % 2],
+                           label=f"{reference}, {sc} (full run)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        what = "frozen" if freezing else "kept"
+        ax.set(title=t, xlabel=f"k: blocks {what}, the first k of {depth} (1-based)" + ("; 0: none" if freezing
+                                                                                         else ""))
+        _metric_axis(ax, metric, classes.get(t))
+        _legend(ax)
+    return fig
+
+
+def sizes(size_res: ByStart, ft: ByStart, settings: Settings, params: Mapping[str, int],
+          classes: Mapping[str, int]) -> Figure | None:
+    """Fig 6 analogue: frozen-scenario test metric against the backbone's parameter count (``params``), from the
+    chance level to the metric's maximum (1) so that differences are seen at their true scale."""
     if not size_res:
         return None
     main = next((st.name for st in settings.starts if st.kind == "pretrained"), None)
@@ -122,16 +225,21 @@ def sizes(size_res: ByStart, ft: ByStart, settings: Settings) -> Figure | None:
         metric = ""
         own: Mapping[str, dict] = ft.get(main, {}).get(t, {}) if main else {}  # the study's model
         for i, sc in enumerate(settings.size_scenarios):
-            rows = [(own[sc] if m == settings.model else size_res[m][t][sc]) for m in models
+            rows = [(m, own[sc] if m == settings.model else size_res[m][t][sc]) for m in models
                     if (sc in own if m == settings.model else sc in size_res.get(m, {}).get(t, {}))]
             if not rows:
                 continue
-            metric = rows[0]["metric"]
-            ax.errorbar(range(len(rows)), [r["test"][metric]["mean"] for r in rows],
-                        yerr=[r["test"][metric]["std"] for r in rows], marker="o", capsize=3, color=f"C{i}", label=sc)
-        ax.set_xticks(range(len(models)), [m.replace("efficientnet_", "") for m in models], fontsize=7)
-        ax.set(title=t, ylabel=f"test {metric}")
-        ax.legend(fontsize=7)
+            metric = rows[0][1]["metric"]
+            xs = [params[m] / 1e6 for m, _ in rows]
+            stats = [r["test"][metric] for _, r in rows]
+            ax.errorbar(xs, [v["mean"] for v in stats], yerr=[v["std"] for v in stats], marker="o", capsize=3,
+                        color=f"C{i}", label=sc)
+        ax.secondary_xaxis("top").set_xticks([params[m] / 1e6 for m in models],
+                                             [m.replace("efficientnet_", "") for m in models], fontsize=7)
+        ax.set(title=t, xlabel="backbone parameters (millions)")
+        _metric_axis(ax, metric, classes.get(t))
+        ax.set_ylim(top=max(1.0, ax.get_ylim()[1]))
+        _legend(ax)
     return fig
 
 

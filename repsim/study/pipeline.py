@@ -66,7 +66,7 @@ class Study:
             pool.close()
             self.cka_results = self._timed("cka", study_cka, self.ws, results.finetune)
             return self._timed("outputs", write_outputs, self.settings, self.out, self.depth, self.timings, results,
-                               self.cka_results)
+                               self.cka_results, self.ws.model_facts())
         finally:
             pool.close()
             torch.set_num_threads(saved_threads)

@@ -53,6 +53,30 @@ class Workspace:
         return create(model or self.settings.model, pretrained=pretrained, checkpoint=checkpoint,
                       img_size=self.settings.img_size, in_chans=3, **kwargs)
 
+    def model_facts(self) -> dict[str, Any]:
+        """What the tables and figures say of the models, measured once here (outputs import no model code):
+        ``params`` (backbone parameters of the study's model and of each size variant), ``after_blocks`` (the
+        modules after the last block, which still train when every block is frozen) and ``tokens`` (the token grid
+        of the last block at the study's input size and how many tokens the stacked classifier sees after its
+        ``max_grid`` pooling)."""
+        import math
+
+        import torch
+
+        probe = self.backbone()
+        params = {name: sum(p.numel() for p in (probe if name == self.settings.model else
+                                                 self.backbone(model=name)).parameters())
+                  for name in (self.settings.model, *self.settings.sizes)}
+        after = list(dict.fromkeys(n.removeprefix("model.").rsplit(".", 1)[0] for n in probe.parameter_groups()[2]))
+        with torch.no_grad():
+            n = int(probe.eval().forward_tokens(torch.zeros(1, 3, self.settings.img_size, self.settings.img_size)
+                                                ).shape[1])
+        grid, max_grid = math.isqrt(n), self.settings.classifier.get("max_grid")
+        side = min(grid, max_grid) if max_grid else grid
+        tokens = {"img_size": self.settings.img_size, "backbone_tokens": n, "grid": grid, "max_grid": max_grid,
+                  "side": side, "tokens": side * side}
+        return {"params": params, "after_blocks": after, "tokens": tokens if grid * grid == n else None}
+
     def data_block(self, name: str) -> dict[str, Any]:
         """The trainer ``data`` block of dataset ``name``: 3 channels, the study's size and normalisation (a
         synthetic task is written as an image folder under ``out/data`` the first time)."""

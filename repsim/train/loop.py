@@ -149,7 +149,8 @@ def _train(cfg: dict[str, Any], files: RunFiles, *, data_root: str | Path | None
     seed_everything(int(tc["seed"]))
     data, metric_name = prepare_data(cfg, data_root)
     model, model_record = build_model(cfg, data)  # same init on every process: same seed
-    model.to(device, memory_format=memory_format(model, tc["channels_last"]))
+    model.to(device)
+    model.to(memory_format=memory_format(model, tc["channels_last"]))
     if device.type == "cpu":  # a small model on a busy machine: one thread (repsim.threads); a resume: as before
         torch.set_num_threads(resumed_threads(files, resume) or
                               auto_threads(model, data.datasets["val"][0][0][None].to(device)))
@@ -170,7 +171,7 @@ def _train(cfg: dict[str, Any], files: RunFiles, *, data_root: str | Path | None
         state.train_seconds += time.perf_counter() - start
         val = validate(opt, files, epoch, state, lr, data)
         stop = keep_best(files, opt.model, state, val[metric_name], epoch, metric_name, tc, main)
-        record = {"epoch": epoch, "iteration": state.iteration, "lr": lr, "train_loss": loss,
+        record: dict[str, Any] = {"epoch": epoch, "iteration": state.iteration, "lr": lr, "train_loss": loss,
                   "seconds": time.perf_counter() - start, **{f"val_{k}": v for k, v in val.items()}}
         if tc["test_at_best"] and state.best_epoch == epoch:  # never used to choose: read by budget curves
             record["best_test"] = test_metrics(opt, data, state)[0]
