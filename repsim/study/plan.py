@@ -72,6 +72,8 @@ def _ssl(ws: Workspace, start: Start, target: str) -> Experiment:
 
     s = ws.settings
     cfg = copy.deepcopy(dict(s.ssl))
+    if start.method:
+        cfg["method"] = start.method
     cfg["data"] = {**cfg.get("data", {}), **ws.data_block(target)}
     cfg["model"] = {**cfg.get("model", {}), "name": s.model, "kwargs": dict(s.model_kwargs),
                     "pretrained": start.continued, "checkpoint": None}

@@ -39,6 +39,7 @@ class Start:
     targets: tuple[str, ...] | None = None
     scenarios: tuple[str, ...] | None = None
     continued: bool = False
+    method: str | None = None  # an ssl start's method ("dino", "simclr"); None: the study's ssl config
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ class Settings:
                 raise ValueError(f"start {s.name!r}: a source task goes with kind 'source' (and only with it)")
             if (s.kind == "checkpoint") != (s.checkpoint is not None):
                 raise ValueError(f"start {s.name!r}: a checkpoint goes with kind 'checkpoint' (and only with it)")
+            if s.method is not None and (s.kind != "ssl" or s.method not in ("dino", "simclr")):
+                raise ValueError(f"start {s.name!r}: method {s.method!r} needs kind 'ssl' and one of dino, simclr")
             if s.continued and s.kind != "ssl":
                 raise ValueError(f"start {s.name!r}: continued goes with kind 'ssl' (pretraining from the weights)")
             for name in ([s.source] if s.source else []) + list(s.targets or ()):
@@ -211,11 +214,13 @@ PRESETS: dict[str, Settings] = {
         cka_seeds=5, cka_batch_size=32),
     # What one 3-hour working session on 2 CPU cores (shared with development) could run of the natural preset
     # (figures/README.md): its design on BreastMNIST only, with the cuts in order -- no ImageNet -> SSL start,
-    # no stacked scenarios, no curves or sizes -- 300 optimiser steps (35 epochs) and DINO for 15 epochs. Never
-    # cut: the SSL start, equal budgets, 5 seeds.
+    # no stacked scenarios, no curves or sizes -- 300 optimiser steps (35 epochs) and DINO for 15 epochs; SimCLR
+    # as a second in-domain SSL start (DINO from scratch drifts to a uniform teacher here). Never cut: the SSL start,
+    # equal budgets, 5 seeds.
     "natural-short": Settings(
         model="efficientnet_lite0", model_kwargs={}, img_size=48, normalise="model",
-        starts=(Start("imagenet", "pretrained"), Start("ssl", "ssl"), Start("scratch", "scratch")),
+        starts=(Start("imagenet", "pretrained"), Start("ssl", "ssl"), Start("ssl-simclr", "ssl", method="simclr"),
+                Start("scratch", "scratch")),
         targets=("breastmnist",), scenarios=("frozen-linear", "unfrozen-linear"),
         ssl={"method": "dino", "train": {"epochs": 15, "batch_size": 32, "num_workers": 0}},
         train={"steps": 300, "batch_size": 64, "lr_grid": [1.0e-4, 3.0e-4, 1.0e-3], "seeds": 5, "warmup_iters": 50,
