@@ -12,7 +12,17 @@ from typing import Any
 
 from repsim.files import save_png, write_text
 from repsim.study import figures
-from repsim.study.results import Matrices, Place, Results, cka_summary, diagonal_groups, same_block
+from repsim.study.results import (
+    CKA_FEATURE,
+    CKA_POOL,
+    FIG7_CURVES,
+    Matrices,
+    Place,
+    Results,
+    cka_summary,
+    diagonal_groups,
+    same_block,
+)
 from repsim.study.settings import Settings
 from repsim.study.stats import comparisons, run_flags
 
@@ -27,7 +37,7 @@ def _fmt(stat: Mapping[str, Any]) -> str:
 
 def tables(s: Settings, res: Results, paired: list[dict], flags: Flags, cka: Mapping[str, Matrices]) -> str:
     """``tables.md``: headline results with per-seed values, paired differences, LR search, k-NN, curves, sizes,
-    CKA diagonals with the null reference, and the flagged runs."""
+    Fig 7's CKA curves with their references, and the flagged runs."""
     ft = res.finetune
     parts = [f"# Transfer study: {s.model} at {s.img_size} px", "",
              "Starts: " + "; ".join(f"**{st.name}** ({st.kind}{': ' + st.source if st.source else ''})"
@@ -78,18 +88,32 @@ def tables(s: Settings, res: Results, paired: list[dict], flags: Flags, cka: Map
         parts += [f"| {m} | {t} | {sc} | {_fmt(r['test'][r['metric']])} {r['metric']} |"
                   for m, by_t in res.sizes.items() for t, by_sc in by_t.items() for sc, r in by_sc.items()
                   if sc != "knn"]
-    parts += ["", "## Fig 7: CKA(block k before, block k after fine-tuning), unfrozen-linear", "",
-              "Per seed the start and the fine-tuned model of that seed; seed 0's 95% bootstrap CI over batches. "
-              "Null reference: two independently seeded from-scratch models after training (mean, [min, max] over "
-              "pairs).", "", "| Target | Compared | block 0 … last |", "|---|---|---|"]
-    for t, mats in cka.items():
-        for label, diag in diagonal_groups(mats).items():
-            cells = ", ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(*diag))
-            parts.append(f"| {t} | {label} | {cells} |")
+    parts += _fig7_table(s, cka)
     parts += ["", "## Flagged runs", ""]
     flat = [("/".join(exp), f) for exp, fl in flags.items() for f in fl]
     parts += [f"- `{exp}` lr {f['lr']:g} seed {f['seed']}: {'; '.join(f['reasons'])}" for exp, f in flat] or ["none"]
     return "\n".join(parts) + "\n"
+
+
+def _fig7_table(s: Settings, cka: Mapping[str, Matrices]) -> list[str]:
+    """The Fig 7 section of ``tables.md``: per target the same-block CKA curves with their references and bands."""
+    parts = ["", f"## Fig 7: same-block CKA on {CKA_FEATURE}, before vs after fine-tuning (unfrozen-linear), with "
+             "references", "",
+             "Unbiased minibatch CKA on each target's test split (near-equal batches, at least 10 where the split "
+             f"allows, the smallest of min({s.cka_batch_size}, N/10) images), "
+             f"CKA(block k of a, block k of b) on {CKA_FEATURE} (pool={CKA_POOL!r}). Per start: *before vs after* "
+             "(the start vs the model fine-tuned from it, per seed), *AdaBN-before vs after* (the start with its "
+             "BatchNorm statistics re-estimated on the target's train images first, so weight change and "
+             "statistics change are told apart) and the *seed spread* (two seeds of the start after fine-tuning); "
+             f"the *floor*: two random initialisations of the backbone ({s.reference_pairs} disjoint pairs). Each "
+             "cell: the mean over seeds (or pairs) [band]; the row says which band: the min–max over seeds/pairs, "
+             "or with one matrix its 95% bootstrap CI over batches.", "",
+             "| Target | Curve | block 0 … last |", "|---|---|---|"]
+    for t, mats in cka.items():
+        for c in diagonal_groups(mats):
+            cells = ", ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(c.mean, c.lower, c.upper))
+            parts.append(f"| {t} | {c.label} | {cells} |")
+    return parts
 
 
 def write_outputs(s: Settings, out: Path, depth: int, timings: Mapping[str, float], res: Results,
@@ -118,8 +142,10 @@ def write_outputs(s: Settings, out: Path, depth: int, timings: Mapping[str, floa
         "depth": depth, "timings_s": timings, "figures": names, **res.as_json(), "paired": paired,
         "flags": {"/".join(k): v for k, v in flags.items()},
         "cka": {t: {str(c): cka_summary(v) for c, v in m.items()} for t, m in cka.items()},
-        "fig7_diagonals": {t: {str(c): same_block(v) for c, v in m.items() if c.figure in ("fig7", "null")}
+        "cka_feature": {"pool": CKA_POOL, "feature": CKA_FEATURE},
+        "fig7_diagonals": {t: {str(c): same_block(v) for c, v in m.items() if c.figure in ("floor", *FIG7_CURVES)}
                            for t, m in cka.items()},
+        "fig7_curves": {t: [{**asdict(c), "label": c.label} for c in diagonal_groups(m)] for t, m in cka.items()},
     }
     write_text(out / "study.json", json.dumps(summary, indent=2, default=float))
     return summary

@@ -178,6 +178,9 @@ class Settings:
                 raise ValueError(f"budget_starts: {name!r} is not a start of the study ({names})")
         if self.budget_points and int(self.train.get("steps") or 0) < max(self.budget_points):
             raise ValueError(f"budget_points {list(self.budget_points)} need train.steps >= {max(self.budget_points)}")
+        if self.reference_pairs < 0:
+            raise ValueError(f"reference_pairs must be >= 0 (random-init pairs of the CKA floor), got "
+                             f"{self.reference_pairs}")
         if self.cka_batch_size < 4:
             raise ValueError(f"cka_batch_size must be >= 4 (unbiased HSIC), got {self.cka_batch_size}")
 
