@@ -21,10 +21,9 @@ from torch import nn
 from repsim.batches import near_equal_batches
 from repsim.files import load_netcdf, save_netcdf
 from repsim.inputs import Stats, renormaliser
-from repsim.study.plan import train_block
 from repsim.study.results import CKA_FEATURE, CKA_POOL, Comparison, Place
 from repsim.study.workspace import Workspace
-from repsim.train.runs import find_runs, load_run
+from repsim.train.runs import RunFiles, find_runs, load_run
 from repsim.types import STACKED
 
 
@@ -92,8 +91,9 @@ def _target_matrices(ws: Workspace, finetune: Mapping[str, Any], target: str,
     def adabn_after(run: Path) -> xr.Dataset:
         """The start with BatchNorm statistics re-estimated on the train images (batches of the fine-tuning's size,
         each normalised by its own statistics as in training) vs the fine-tuned model."""
-        batches = near_equal_batches(len(train), int(train_block(ws, target, "unfrozen-linear")["batch_size"]))
-        before = adapt_batchnorm(load_run(run, "init"), torch.utils.data.DataLoader(train, batch_sampler=batches))
+        batches = near_equal_batches(len(train), int(RunFiles(run).read_config()["train"]["batch_size"]))
+        before = adapt_batchnorm(load_run(run, "init").to(kw["device"]),
+                                 torch.utils.data.DataLoader(train, batch_sampler=batches))
         return compare(before, load_run(run, "best"), loader, labels=("AdaBN-before", "after"), **kw)
 
     def floor(i: int, j: int) -> xr.Dataset:
