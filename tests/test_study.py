@@ -105,6 +105,15 @@ def test_cka_results_have_bootstrap_intervals_and_references(study_dir: Path) ->
     np.testing.assert_allclose(np.diag(fig8), 1.0, atol=1e-6)
 
 
+@pytest.fixture
+def one_thread(request: pytest.FixtureRequest) -> None:
+    """One intra-op thread for the tiny models here: two oversubscribe a loaded 2-core machine (measured: the AdaBN
+    test 21 s with two threads, 4 s with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(before))
+
+
 def _unbiased_hsic(k: np.ndarray, l_: np.ndarray) -> float:
     """Song et al. (2012)'s unbiased HSIC of two Gram matrices (the float64 reference, written out here)."""
     n = len(k)
@@ -124,6 +133,7 @@ def _test_batches(tiny_root: Path) -> list[torch.Tensor]:
     return [torch.stack([test[i][0] for i in b]) for b in bootstrap_batches(len(test), ws.settings.cka_batch_size)]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_cka_floor_is_two_random_initialisations_on_the_test_split(study_dir: Path, tiny_root: Path) -> None:
     """The floor equals a float64 minibatch CKA, written out here, between the study's backbone under two seeds,
     on flattened block outputs of the same test batches; every matrix says its comparison and feature."""
@@ -158,6 +168,7 @@ def test_cka_floor_is_two_random_initialisations_on_the_test_split(study_dir: Pa
         "pool": "flatten", "feature": "flattened stage outputs"}
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_cka_seed_spread_compares_two_seeds_of_the_same_start(study_dir: Path, tiny_root: Path) -> None:
     """spread/<start>/seed0-1 is CKA(after seed 0, after seed 1) of that start's unfrozen-linear runs."""
     from repsim.compare import compare
@@ -174,6 +185,7 @@ def test_cka_seed_spread_compares_two_seeds_of_the_same_start(study_dir: Path, t
     assert not np.allclose(scratch["cka"].values, stored["cka"].values)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_fig7_labels_every_curve_and_band(study_dir: Path, tiny_root: Path) -> None:
     """Tables and Fig 7 name the feature, each reference and what each band is; nothing is called a null."""
     from repsim.study import figures
@@ -202,6 +214,7 @@ def test_fig7_labels_every_curve_and_band(study_dir: Path, tiny_root: Path) -> N
     assert labels.count("floor (random init vs random init) (3 pairs; band: min–max over pairs)") == 2
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_cka_adabn_before_of_a_batchnorm_backbone(tiny_root: Path, tmp_path: Path) -> None:
     """A BatchNorm backbone gets AdaBN-before vs after per seed: the start's running statistics re-estimated on the
     target's train images (the fine-tuning's batch size), the weights its own; tables and Fig 7 say so."""
