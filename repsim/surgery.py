@@ -5,12 +5,14 @@ embeddings, stem), so sweeping ``k = 0..num_blocks`` is progressive freezing fro
 also stay in eval mode (no BatchNorm statistics updates, no dropout).  ``decapitate(model, k)`` keeps the first
 ``k`` blocks only.  ``StackedClassifier`` is the paper's "classifier model": foundation patch tokens -> Linear +
 LayerNorm -> a timm DeiT whose patch embedding is bypassed, with its own CLS token and its position embeddings
-interpolated to the incoming token grid -> CLS feature.
+interpolated to the incoming token grid -> CLS feature. ``adapt_batchnorm(model, loader)`` is AdaBN: the BatchNorm
+running statistics re-estimated on another dataset, every weight unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import timm
@@ -19,6 +21,9 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from repsim.backbone import Backbone
+from repsim.capture import prepare_input, split_batch
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _backbone_of(model: nn.Module) -> Backbone:
@@ -57,6 +62,69 @@ def decapitate(model: Backbone, k: int) -> Backbone:
     if not isinstance(model, Backbone):
         raise TypeError(f"decapitate works on a repsim Backbone (before a head is built), got {type(model).__name__}")
     model.keep_blocks(k)
+    return model
+
+
+def batchnorm_layers(model: nn.Module) -> list[str]:
+    """The names of ``model``'s BatchNorm layers that keep running statistics (what ``adapt_batchnorm`` changes)."""
+    return [n for n, m in model.named_modules() if isinstance(m, _BATCHNORMS) and m.track_running_stats]
+
+
+def adapt_batchnorm(model: nn.Module, loader: Iterable[Any]) -> nn.Module:
+    """AdaBN (Li et al. 2016): re-estimate every BatchNorm layer's running mean and variance on ``loader``'s inputs,
+    so the model meets another dataset's statistics with all its weights unchanged (it tells a change of BatchNorm
+    statistics apart from a change of weights).
+
+    One pass without gradients in which only the BatchNorm layers are in train mode (each batch is normalised with
+    its own statistics, as in training; dropout and stochastic depth stay off). Each layer's running mean and
+    variance become the per-channel mean and unbiased variance of everything it received in the pass, accumulated
+    over samples in float64 (torch's cumulative average, ``momentum=None``, weights batches equally and averages
+    within-batch variances: it misses the spread of the batch means). Weights, biases and each module's train/eval
+    mode are left as they were; ``num_batches_tracked`` counts the pass's batches. Inputs are fed as the loader gives
+    them (give them in the normalisation the model is fed elsewhere). In place; returns ``model``.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, _BATCHNORMS) and m.track_running_stats}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layer with running statistics: nothing to adapt")
+    moments: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> (count, mean, sum of squared deviations)
+
+    def accumulate(name: str) -> Any:
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach()
+            flat = x.transpose(0, 1).reshape(x.shape[1], -1).to(torch.float64)
+            n_b, mean_b = flat.shape[1], flat.mean(1)
+            m2_b = (flat - mean_b[:, None]).square().sum(1)
+            if name in moments:  # Chan et al.'s pairwise update of (count, mean, M2)
+                n, mean, m2 = moments[name]
+                delta, total = mean_b - mean, n + n_b
+                mean_b, m2_b, n_b = mean + delta * (n_b / total), m2 + m2_b + delta.square() * (n * n_b / total), total
+            moments[name] = (n_b, mean_b, m2_b)
+
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in layers.items()]
+    try:
+        model.eval()
+        for m in layers.values():
+            m.train()
+        with torch.no_grad():
+            for batch in loader:
+                x, _ = split_batch(batch)
+                model(prepare_input(x, model))
+    finally:
+        for h in handles:
+            h.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    for name, m in layers.items():
+        n, mean, m2 = moments.get(name, (0, torch.zeros(()), torch.zeros(())))
+        if n < 2:
+            raise ValueError(f"BatchNorm layer {name!r} received {n} value(s) per channel in the pass: give the loader "
+                             "more samples")
+        with torch.no_grad():
+            m.running_mean.copy_(mean)  # type: ignore[union-attr]
+            m.running_var.copy_(m2 / (n - 1))  # type: ignore[union-attr]
     return model
 
 

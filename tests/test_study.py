@@ -92,18 +92,160 @@ def test_every_stage_writes_its_results(study_dir: Path) -> None:
         assert (study_dir / name).stat().st_size > 5000
 
 
-def test_cka_results_have_bootstrap_intervals_and_a_null_reference(study_dir: Path) -> None:
+def test_cka_results_have_bootstrap_intervals_and_references(study_dir: Path) -> None:
     cka = json.loads((study_dir / "study.json").read_text())["cka"]["breastmnist"]
     fig7 = cka["fig7/in-domain/seed0"]
     assert fig7["layers_a"] == ["model.blocks.0", "model.blocks.1"] and np.shape(fig7["cka"]) == (2, 2)
     d = fig7["diagonal"]
     assert all(lo <= c <= hi for lo, c, hi in zip(d["lower"], d["cka"], d["upper"]))
-    assert {"fig7/in-domain/seed1", "fig7/scratch/seed0", "null/seed0-1"} <= set(cka)
+    assert {"fig7/in-domain/seed1", "fig7/scratch/seed0", "spread/scratch/seed0-1", "spread/in-domain/seed0-1",
+            "floor/init0-1", "floor/init2-3", "floor/init4-5"} <= set(cka)
+    assert not any(k.startswith(("null", "adabn")) for k in cka)  # a ViT has no BatchNorm: no AdaBN curve
     assert cka["figA1/in-domain/frozen-stacked"]["layers_a"] == ["classifier.blocks.0"]
     fig8 = np.array(cka["fig8"]["cka"])
     assert [n.split("/")[0] for n in cka["fig8"]["layers_a"]] == [
         "in-domain start", "in-domain fine-tuned", "scratch start", "scratch fine-tuned"]
     np.testing.assert_allclose(np.diag(fig8), 1.0, atol=1e-6)
+
+
+@pytest.fixture
+def one_thread(request: pytest.FixtureRequest) -> None:
+    """One intra-op thread for the tiny models here: two oversubscribe a loaded 2-core machine (measured: the AdaBN
+    test 21 s with two threads, 4 s with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(before))
+
+
+def _unbiased_hsic(k: np.ndarray, l_: np.ndarray) -> float:
+    """Song et al. (2012)'s unbiased HSIC of two Gram matrices (the float64 reference, written out here)."""
+    n = len(k)
+    k, l_ = k - np.diag(np.diag(k)), l_ - np.diag(np.diag(l_))
+    one = np.ones(n)
+    return float(np.trace(k @ l_) + (one @ k @ one) * (one @ l_ @ one) / ((n - 1) * (n - 2))
+                 - 2 / (n - 2) * (one @ k @ l_ @ one)) / (n * (n - 3))
+
+
+def _test_batches(tiny_root: Path) -> list[torch.Tensor]:
+    """The study's CKA batches: BreastMNIST's test split as the tiny study reads it."""
+    from repsim.data import bootstrap_batches, prepare
+    from repsim.study.workspace import Workspace
+
+    ws = Workspace(replace(PRESETS["tiny"], targets=("breastmnist",)), tiny_root / "ws", data_root=tiny_root)
+    test = prepare(ws.data_block("breastmnist"), ws.data_root).datasets["test"]
+    return [torch.stack([test[i][0] for i in b]) for b in bootstrap_batches(len(test), ws.settings.cka_batch_size)]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cka_floor_is_two_random_initialisations_on_the_test_split(study_dir: Path, tiny_root: Path) -> None:
+    """The floor equals a float64 minibatch CKA, written out here, between the study's backbone under two seeds,
+    on flattened block outputs of the same test batches; every matrix says its comparison and feature."""
+    from repsim.files import load_netcdf
+    from repsim.models import create
+
+    s = PRESETS["tiny"]
+    batches = _test_batches(tiny_root)
+    feats = []
+    for seed in (2, 3):
+        torch.manual_seed(seed)
+        net, acts = create(s.model, img_size=s.img_size, in_chans=3, **s.model_kwargs).eval(), {}
+        for name in net.layer_names():
+            net.get_submodule(name).register_forward_hook(
+                lambda _, __, out, name=name, acts=acts: acts.setdefault(name, []).append(
+                    out.flatten(1).double().numpy()))
+        with torch.no_grad():
+            for x in batches:
+                net(x)
+        feats.append(acts)
+    ds = load_netcdf(study_dir / "cka" / "breastmnist" / "floor_init2-3.nc")
+    assert ds.attrs["comparison"] == "floor/init2-3" and ds.attrs["model_a"] == "random init 2"
+    for k, name in enumerate(ds["layer_a"].values):
+        hsic = np.array([[_unbiased_hsic(a @ a.T, b @ b.T), _unbiased_hsic(a @ a.T, a @ a.T),
+                          _unbiased_hsic(b @ b.T, b @ b.T)] for a, b in zip(feats[0][name], feats[1][name])])
+        expected = hsic[:, 0].sum() / np.sqrt(hsic[:, 1].sum() * hsic[:, 2].sum())
+        assert float(ds["cka"][k, k]) == pytest.approx(expected, abs=1e-4)
+    for f in (study_dir / "cka" / "breastmnist").glob("*.nc"):
+        attrs = load_netcdf(f).attrs
+        assert (attrs["pool"], attrs["feature"]) == ("flatten", "flattened stage outputs"), f.name
+    assert json.loads((study_dir / "study.json").read_text())["cka_feature"] == {
+        "pool": "flatten", "feature": "flattened stage outputs"}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cka_seed_spread_compares_two_seeds_of_the_same_start(study_dir: Path, tiny_root: Path) -> None:
+    """spread/<start>/seed0-1 is CKA(after seed 0, after seed 1) of that start's unfrozen-linear runs."""
+    from repsim.compare import compare
+    from repsim.files import load_netcdf
+
+    summary = json.loads((study_dir / "study.json").read_text())
+    lr = summary["finetune"]["in-domain"]["breastmnist"]["unfrozen-linear"]["lr"]
+    runs = find_runs(study_dir / "finetune" / "in-domain" / "breastmnist" / "unfrozen-linear", lr)
+    stored = load_netcdf(study_dir / "cka" / "breastmnist" / "spread_in-domain_seed0-1.nc")
+    assert (stored.attrs["model_a"], stored.attrs["model_b"]) == ("in-domain seed 0", "in-domain seed 1")
+    again = compare(load_run(runs[0]), load_run(runs[1]), _test_batches(tiny_root), progress=False)
+    np.testing.assert_allclose(again["cka"].values, stored["cka"].values, atol=1e-6)
+    scratch = load_netcdf(study_dir / "cka" / "breastmnist" / "spread_scratch_seed0-1.nc")
+    assert not np.allclose(scratch["cka"].values, stored["cka"].values)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fig7_labels_every_curve_and_band(study_dir: Path, tiny_root: Path) -> None:
+    """Tables and Fig 7 name the feature, each reference and what each band is; nothing is called a null."""
+    from repsim.study import figures
+    from repsim.study.similarity import study_cka
+    from repsim.study.workspace import Workspace
+
+    tables = (study_dir / "tables.md").read_text()
+    section = tables[tables.index("## Fig 7"):tables.index("## Flagged runs")]
+    assert "## Fig 7: same-block CKA on flattened stage outputs" in section and "null" not in section
+    for row in ("| breastmnist | floor (random init vs random init) (3 pairs; band: min–max over pairs) |",
+                "| breastmnist | in-domain: before vs after (2 seeds; band: min–max over seeds) |",
+                "| breastmnist | scratch: seed spread (after vs after) (1 pair; band: 95% bootstrap CI over "
+                "batches) |"):
+        assert row in section
+    summary = json.loads((study_dir / "study.json").read_text())
+    curves = {c["label"]: c for c in summary["fig7_curves"]["breastmnist"]}
+    assert len(curves) == 5 and len(curves["floor (random init vs random init) (3 pairs; band: min–max over pairs)"][
+        "mean"]) == 2
+    ws = Workspace(replace(PRESETS["tiny"], targets=("breastmnist",)), study_dir, data_root=tiny_root)
+    fig = figures.fig7_diagonal(study_cka(ws, summary["finetune"]))  # every matrix read back from cka/
+    assert fig is not None and "flattened stage outputs" in fig.get_suptitle()
+    assert "no AdaBN curve (the backbone has no BatchNorm)" in fig.get_suptitle().replace("\n", " ")
+    labels = [t.get_text().replace("\n", " ") for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert [ax.get_title() for ax in fig.axes] == ["breastmnist: in-domain", "breastmnist: scratch"]
+    assert "scratch: seed spread (after vs after) (1 pair; band: 95% bootstrap CI over batches)" in labels
+    assert labels.count("floor (random init vs random init) (3 pairs; band: min–max over pairs)") == 2
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cka_adabn_before_of_a_batchnorm_backbone(tiny_root: Path, tmp_path: Path) -> None:
+    """A BatchNorm backbone gets AdaBN-before vs after per seed: the start's running statistics re-estimated on the
+    target's train images (the fine-tuning's batch size), the weights its own; tables and Fig 7 say so."""
+    from repsim.compare import compare
+    from repsim.data import prepare
+    from repsim.files import load_netcdf
+    from repsim.surgery import adapt_batchnorm
+
+    settings = replace(PRESETS["tiny"], model="test_resnet", model_kwargs={}, starts=(Start("scratch", "scratch"),),
+                       targets=("breastmnist",), scenarios=("unfrozen-linear",), freeze_blocks=[], decapitate=[],
+                       train={**PRESETS["tiny"].train, "lr_grid": None, "lr": 1e-3, "seeds": 1}, cka_seeds=1,
+                       curve_seeds=1, reference_pairs=1)
+    summary = Study(settings, tmp_path, data_root=tiny_root, threads=1).run()
+    cka = summary["cka"]["breastmnist"]
+    assert set(cka) == {"floor/init0-1", "fig7/scratch/seed0", "adabn/scratch/seed0", "fig8"}
+    (run,) = find_runs(tmp_path / "finetune" / "scratch" / "breastmnist" / "unfrozen-linear")
+    stored = load_netcdf(tmp_path / "cka" / "breastmnist" / "adabn_scratch_seed0.nc")
+    assert (stored.attrs["model_a"], stored.attrs["run"]) == ("AdaBN-before", str(run))
+    # its start is the run's initial backbone with the train images' statistics: different from before vs after
+    assert not np.allclose(cka["adabn/scratch/seed0"]["cka"], cka["fig7/scratch/seed0"]["cka"], atol=1e-3)
+    train = prepare(yaml.safe_load((run / "config.yaml").read_text())["data"], tiny_root).datasets["train_eval"]
+    images = torch.stack([train[i][0] for i in range(len(train))])
+    adapted = adapt_batchnorm(load_run(run, "init"), [images[:20], images[20:]])  # batches of the run's size, >= 16
+    again = compare(adapted, load_run(run), _test_batches(tiny_root), labels=("AdaBN-before", "after"),
+                    progress=False)
+    np.testing.assert_allclose(again["cka"].values, stored["cka"].values, atol=1e-5)
+    tables = (tmp_path / "tables.md").read_text()
+    assert "| breastmnist | scratch: AdaBN-before vs after (1 seed; band: 95% bootstrap CI over batches) |" in tables
 
 
 def test_rerun_reuses_everything_and_other_settings_are_refused(study_dir: Path, tiny_root: Path) -> None:
@@ -166,6 +308,8 @@ def test_settings_overrides_and_inconsistent_settings_are_named() -> None:
         replace(PRESETS["tiny"], targets=("nope",)).check()
     with pytest.raises(ValueError, match="start name '../x' cannot name an output folder"):
         replace(PRESETS["tiny"], starts=(Start("../x", "scratch"),)).check()
+    with pytest.raises(ValueError, match="reference_pairs must be >= 0"):
+        replace(PRESETS["tiny"], reference_pairs=-1).check()
     with pytest.raises(ValueError, match="freezing curve of start 'in-domain'.*unfrozen-linear"):
         replace(PRESETS["tiny"], scenarios=("frozen-linear", "frozen-stacked"), decapitate=[]).check()
 

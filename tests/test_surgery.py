@@ -1,15 +1,18 @@
-"""Layer surgery and the four scenarios: after one backward pass, gradients reach exactly the intended parameters."""
+"""Layer surgery and the four scenarios: after one backward pass, gradients reach exactly the intended parameters;
+AdaBN re-estimates BatchNorm statistics and nothing else."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from itertools import chain
 
 import pytest
 import torch
+from torch import nn
 
 from repsim.models import SCENARIOS, Backbone, build_classifier, create
-from repsim.surgery import LinearHead, StackedClassifier, decapitate, freeze
+from repsim.surgery import LinearHead, StackedClassifier, adapt_batchnorm, batchnorm_layers, decapitate, freeze
 
 # name -> (create kwargs, input size); two tiny timm models and two real zoo architectures
 MODELS = {
@@ -153,3 +156,39 @@ def test_stacked_classifier_interpolates_its_position_embeddings() -> None:
         clf(torch.randn(2, 10, 24))
     head = LinearHead(32, 4)
     assert isinstance(head, torch.nn.Linear) and head.out_features == 4
+
+
+def test_adapt_batchnorm_gives_each_layer_the_statistics_of_its_input_over_the_dataset() -> None:
+    """AdaBN: each BatchNorm's running mean/var are the per-channel mean and unbiased variance of all it received
+    in the pass (a float64 reference of the same pass), not an average over batches; every other tensor is
+    bit-identical and each module keeps its mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 5, 3),
+                          nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(80, 6), nn.BatchNorm1d(6)).eval()
+    model[3].train()  # a module in train mode stays so
+    gen = torch.Generator().manual_seed(1)
+    # unequal batches with different means: averaging batch statistics would miss the spread between them
+    batches = [torch.randn(n, 3, 8, 8, generator=gen) * 2 + shift for n, shift in ((16, -1.0), (16, 3.0), (19, 0.5))]
+    ref = copy.deepcopy(model).double()
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in batchnorm_layers(ref)}
+    for name, m in ref.named_modules():
+        m.training = name in seen  # the pass: BatchNorm in train mode, everything else in eval mode
+        if name in seen:
+            m.register_forward_pre_hook(lambda _, args, name=name: seen[name].append(args[0]))
+    with torch.no_grad():
+        for x in batches:
+            ref(x.double())
+    before = copy.deepcopy(model.state_dict())
+    assert adapt_batchnorm(model, [(x, torch.zeros(len(x))) for x in batches]) is model
+    assert list(seen) == ["1", "5", "8"]
+    for name, values in seen.items():
+        bn = model.get_submodule(name)
+        x = torch.cat(values).transpose(0, 1).reshape(bn.num_features, -1)
+        torch.testing.assert_close(bn.running_mean.double(), x.mean(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_var.double(), x.var(1), rtol=1e-5, atol=1e-5)
+    for key, value in model.state_dict().items():
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(value, before[key]), key
+    assert [m.training for m in model.modules()] == [False, False, False, False, True] + [False] * 5
+    with pytest.raises(ValueError, match="has no BatchNorm layer with running statistics"):
+        adapt_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), [torch.zeros(4, 2)])

@@ -4,8 +4,9 @@ A study has *starts* (ways to initialise one backbone architecture: the library'
 here on a source task, a local checkpoint, from scratch), *targets* and the four *scenarios* (frozen/unfrozen x
 linear head/stacked classifier). Every start x target x scenario is an experiment: LR search on validation (seed
 0), then seeds at the chosen LR. Around them: k-NN on frozen features (Fig 2), progressive freezing (Fig 4) and
-decapitation (Fig 5) curves, other model sizes frozen (Fig 6), CKA before vs after fine-tuning for every start with
-a null reference (Fig 7), the stacked classifier before vs after (Fig A.1), last-block CKA across backbones (Fig 8),
+decapitation (Fig 5) curves, other model sizes frozen (Fig 6), CKA on flattened stage outputs before vs after
+fine-tuning for every start with its references (Fig 7: the floor of two random initialisations, the seed spread of
+the start, AdaBN-before), the stacked classifier before vs after (Fig A.1), last-block CKA across backbones (Fig 8),
 paired differences between starts with 95% intervals from a bootstrap over seeds and test images (declared
 primaries and the rest as two Holm-adjusted families), the budget curve, the clock per stage and flags for runs
 that did not train.

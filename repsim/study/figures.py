@@ -1,8 +1,9 @@
 """The study's figures: results per start (headline), the paired differences (forest plot), the budget curve, k-NN
-(Fig 2), freezing and decapitation curves (Figs 4, 5), model size (Fig 6), CKA before vs after with the null
-reference (Fig 7), the stacked classifier (Fig A.1) and the last block across backbones (Fig 8). Each returns a
-matplotlib Figure (never shown), or None when there is no data. Every metric axis shows the chance level of its
-metric (``repsim.study.stats.chance_level``; ``classes`` gives each target's number of classes)."""
+(Fig 2), freezing and decapitation curves (Figs 4, 5), model size (Fig 6), CKA before vs after with its references
+(Fig 7: floor, seed spread, AdaBN-before), the stacked classifier (Fig A.1) and the last block across backbones
+(Fig 8), every CKA on flattened stage outputs. Each returns a matplotlib Figure (never shown), or None when there is
+no data. Every metric axis shows the chance level of its metric (``repsim.study.stats.chance_level``; ``classes``
+gives each target's number of classes)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from repsim.study.results import Matrices
+from repsim.study.results import CKA_FEATURE, Matrices, diagonal_groups
 from repsim.study.settings import Settings, Start
 from repsim.study.stats import chance_level, metric_label
 
@@ -243,26 +244,45 @@ def sizes(size_res: ByStart, ft: ByStart, settings: Settings, params: Mapping[st
     return fig
 
 
-def fig7_diagonal(cka: Mapping[str, Matrices]) -> Figure | None:
-    """CKA(block k before, block k after) against k per start (mean over seeds, band: min–max over seeds), with
-    the null reference as a grey band: where a start's line sits in the band, fine-tuning changed that block as
-    much as two unrelated trainings differ."""
-    from repsim.plot import diagonal as plot_diagonal
+_CURVE_STYLE = {"floor": ("grey", "--"), "fig7": ("C0", "-"), "adabn": ("C1", "-."), "spread": ("C2", ":")}
 
-    targets = [t for t, m in cka.items() if any(c.figure == "fig7" for c in m)]
-    if not targets:
+
+def fig7_diagonal(cka: Mapping[str, Matrices]) -> Figure | None:
+    """CKA(block k before, block k after fine-tuning) against k, one panel per target and start (mean over seeds
+    with its band), with the references of that block as labelled lines: the floor (two random initialisations),
+    the seed spread (two seeds of the start after fine-tuning) and AdaBN-before vs after. Where before vs after
+    reaches the seed spread, fine-tuning moved the block as far as another seed lands; where AdaBN-before vs after
+    lies above before vs after, part of the change is the BatchNorm statistics, not the weights."""
+    by_target = {t: curves for t, m in cka.items() for curves in [diagonal_groups(m)] if any(c.start for c in curves)}
+    if not by_target:
         return None
-    has_null = any(c.figure == "null" for t in targets for c in cka[t])
-    fig, axes = _axes(len(targets), "Fig 7: same-block CKA before vs after fine-tuning (unfrozen-linear)" + (
-        "; grey: two independently seeded scratch models (null reference)" if has_null else
-        "; no null reference (it needs two scratch seeds)"), width=4.6)
-    for ax, t in zip(axes, targets):
-        starts: dict[str, list[xr.Dataset]] = {}
-        for c, ds in cka[t].items():
-            if c.figure == "fig7":
-                starts.setdefault(c.start, []).append(ds)
-        nulls = [ds for c, ds in cka[t].items() if c.figure == "null"]
-        plot_diagonal(starts, null=nulls or None, ax=ax, title=t)
+    starts = list(dict.fromkeys(c.start for curves in by_target.values() for c in curves if c.start))
+    shown = {c.figure for curves in by_target.values() for c in curves}
+    missing = [what for figure, what in (("floor", "no floor (reference_pairs=0)"),
+                                         ("spread", "no seed spread (it needs cka_seeds >= 2)"),
+                                         ("adabn", "no AdaBN curve (the backbone has no BatchNorm)"))
+               if figure not in shown]
+    fig = Figure(figsize=(4.4 * len(starts), 3.4 * len(by_target)), layout="constrained")
+    fig.suptitle(textwrap.fill(
+        f"Fig 7: same-block CKA on {CKA_FEATURE} (test split), before vs after fine-tuning (unfrozen-linear) with "
+        "its references; lines: mean, bands as labelled" + "".join(f"; {m}" for m in missing), 48 * len(starts)),
+        fontsize=10)
+    for row, (t, curves) in zip(fig.subplots(len(by_target), len(starts), squeeze=False), by_target.items()):
+        for ax, start in zip(row, starts):
+            ax.set_title(f"{t}: {start}")
+            mine = [c for c in curves if c.start in ("", start)]
+            if not any(c.start for c in mine):
+                ax.set_axis_off()  # no fine-tuned runs of this start on this target (a collapsed start)
+                continue
+            for c in mine:
+                colour, style = _CURVE_STYLE[c.figure]
+                x = np.arange(len(c.mean))
+                ax.fill_between(x, c.lower, c.upper, color=colour, alpha=0.15 if c.figure == "floor" else 0.2)
+                ax.plot(x, c.mean, color=colour, linestyle=style, marker="o" if c.figure == "fig7" else None,
+                        label=textwrap.fill(c.label, 48))
+            ax.set(xlabel="block", ylabel="CKA (same block)", ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize=6)
     return fig
 
 
@@ -279,14 +299,15 @@ def fig7(cka: Mapping[str, Matrices]) -> Figure | None:
     """Heatmaps of every block before vs after fine-tuning (seed 0), per target and start."""
     panels = [(f"{t}: {c.start}", ds) for t, m in cka.items() for c, ds in m.items()
               if c.figure == "fig7" and c.seeds == (0,)]
-    return _grid(panels, "Fig 7: blocks before (rows) vs after (columns) fine-tuning", "colour: CKA; seed 0")
+    return _grid(panels, "Fig 7: blocks before (rows) vs after (columns) fine-tuning",
+                 f"colour: CKA on {CKA_FEATURE}; seed 0")
 
 
 def figA1(cka: Mapping[str, Matrices]) -> Figure | None:
     """The stacked classifier's blocks at initialisation vs fine-tuned, frozen and unfrozen backbone."""
     panels = [(f"{t}: {c.start}/{c.scenario}", ds) for t, m in cka.items() for c, ds in m.items()
               if c.figure == "figA1"]
-    return _grid(panels, "Fig A.1: stacked classifier blocks before vs after", "colour: CKA")
+    return _grid(panels, "Fig A.1: stacked classifier blocks before vs after", f"colour: CKA on {CKA_FEATURE}")
 
 
 def fig8(cka: Mapping[str, Matrices]) -> Figure | None:
@@ -299,4 +320,5 @@ def fig8(cka: Mapping[str, Matrices]) -> Figure | None:
         models = [str(x) for x in ds["model_a"].values]
         ds = ds.assign_coords(layer_a=models, layer_b=models).drop_vars(["model_a", "model_b", "module_a", "module_b"])
         panels.append((t, ds.assign_attrs(axis_a="backbone (last block)", axis_b="backbone (last block)")))
-    return _grid(panels, "Fig 8: CKA of the last block across backbones", "colour and cells: CKA", "cka")
+    return _grid(panels, "Fig 8: CKA of the last block across backbones",
+                 f"colour and cells: CKA on {CKA_FEATURE}", "cka")

@@ -16,7 +16,17 @@ from repsim.study import figures
 from repsim.study import tables as sections
 from repsim.study.bootstrap import Run
 from repsim.study.clock import budget_curve, stage_clock
-from repsim.study.results import Matrices, Place, Results, cka_summary, diagonal_groups, same_block
+from repsim.study.results import (
+    CKA_FEATURE,
+    CKA_POOL,
+    FIG7_CURVES,
+    Matrices,
+    Place,
+    Results,
+    cka_summary,
+    diagonal_groups,
+    same_block,
+)
 from repsim.study.settings import Settings
 from repsim.study.stats import comparisons, load_runs, mean_interval, metric_label, run_flags, spread
 from repsim.study.tables import Findings
@@ -65,8 +75,8 @@ def findings(s: Settings, out: Path, res: Results, facts: Mapping[str, Any]) -> 
 
 def tables(s: Settings, res: Results, f: Findings, cka: Mapping[str, Matrices]) -> str:
     """``tables.md``: headline results with per-seed values and bootstrap intervals, paired differences (primary
-    and secondary, Holm), LR search, runs still improving, the budget curve, k-NN, curves, sizes, CKA diagonals with
-    the null reference, the self-supervised starts, the clock and the flagged runs."""
+    and secondary, Holm), LR search, runs still improving, the budget curve, k-NN, curves, sizes, Fig 7's CKA curves
+    with their references, the self-supervised starts, the clock and the flagged runs."""
     ft = res.finetune
     depth, after = f.facts.get("depth", 0), f.facts.get("after_blocks", [])
     parts = [f"# Transfer study: {s.model} at {s.img_size} px", "",
@@ -104,14 +114,7 @@ def tables(s: Settings, res: Results, f: Findings, cka: Mapping[str, Matrices]) 
                   f"{metric_label(r['metric'])} |"
                   for m, by_t in res.sizes.items() for t, by_sc in by_t.items() for sc, r in by_sc.items()
                   if sc != "knn"]
-    parts += ["", "## Fig 7: CKA(block k before, block k after fine-tuning), unfrozen-linear", "",
-              "Per seed the start and the fine-tuned model of that seed; seed 0's 95% bootstrap CI over batches. "
-              "Null reference: two independently seeded from-scratch models after training (mean, [min, max] over "
-              "pairs).", "", "| Target | Compared | block 0 … last |", "|---|---|---|"]
-    for t, mats in cka.items():
-        for label, diag in diagonal_groups(mats).items():
-            cells = ", ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(*diag))
-            parts.append(f"| {t} | {label} | {cells} |")
+    parts += ["", *sections.fig7(s, cka)]
     parts += ["", *sections.ssl(res.ssl, res.skipped), "", *sections.clock(f), "",
               "## Flagged runs (at the chosen LRs)", ""]
     flat = [("/".join(exp), run) for exp, fl in f.flags.items() for run in fl]
@@ -149,8 +152,10 @@ def write_outputs(s: Settings, out: Path, depth: int, timings: Mapping[str, floa
         "settings": asdict(s), "label": f"{s.model} from {', '.join(st.name for st in s.starts)}",
         "depth": depth, "timings_s": timings, "figures": names, **res.as_json(), **f.as_json(),
         "cka": {t: {str(c): cka_summary(v) for c, v in m.items()} for t, m in cka.items()},
-        "fig7_diagonals": {t: {str(c): same_block(v) for c, v in m.items() if c.figure in ("fig7", "null")}
+        "cka_feature": {"pool": CKA_POOL, "feature": CKA_FEATURE},
+        "fig7_diagonals": {t: {str(c): same_block(v) for c, v in m.items() if c.figure in ("floor", *FIG7_CURVES)}
                            for t, m in cka.items()},
+        "fig7_curves": {t: [{**asdict(c), "label": c.label} for c in diagonal_groups(m)] for t, m in cka.items()},
     }
     write_text(out / "study.json", json.dumps(summary, indent=2, default=float))
     return summary

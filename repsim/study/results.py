@@ -1,6 +1,6 @@
 """The study's result structures and their helpers, numpy/xarray only: where each experiment sits (``Place``), which
 CKA comparison a matrix is (``Comparison``), the scheduler's results grouped by start/target/scenario (``organise``)
-and the numbers read off a CKA matrix (``same_block``, ``cka_summary``, ``diagonal_groups``).
+and the numbers read off a CKA matrix (``same_block``, ``cka_summary``, Fig 7's curves ``diagonal_groups``).
 
 This is the leaf of the study: tables and figures read these structures by their fields, never by parsing names.
 """
@@ -16,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from repsim.matrices import diagonal_values
+from repsim.types import Pooling
 
 CURVES = ("freezing", "decapitation")
 # the name of a curve point (its folder, its key in study.json): ``freeze_blocks<k>`` / ``decapitate<k>``
@@ -44,11 +45,20 @@ class Place:
         return "/".join(self.parts())
 
 
+# The study's CKA feature, one definition: each block's output flattened per sample (tokens x channels, or
+# channels x height x width), compared with the unbiased minibatch CKA. Every matrix, table heading and caption says it.
+CKA_POOL: Pooling = "flatten"
+CKA_FEATURE = "flattened stage outputs"
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """One CKA matrix of a target: ``figure`` ``fig7`` (a start's blocks before vs after fine-tuning, one seed),
-    ``null`` (two scratch seeds after training), ``figA1`` (a start's stacked classifier in ``scenario``) or
-    ``fig8`` (the last block across backbones)."""
+    """One CKA matrix of a target (blocks of the study's backbone unless said): ``figure`` ``fig7`` (a start's blocks
+    before vs after fine-tuning, one seed), ``adabn`` (the same with the start's BatchNorm statistics re-estimated on
+    the target's train images first), ``spread`` (two seeds of a start after fine-tuning: the seed spread), ``floor``
+    (two random initialisations of the architecture), ``figA1`` (a start's stacked classifier in ``scenario``) or
+    ``fig8`` (the last block across backbones). ``seeds``: the fine-tuning seed(s), or the two init seeds of the
+    floor."""
 
     figure: str
     start: str = ""
@@ -56,10 +66,10 @@ class Comparison:
     seeds: tuple[int, ...] = ()
 
     def __str__(self) -> str:
-        if self.figure == "fig7":
-            return f"fig7/{self.start}/seed{self.seeds[0]}"
-        if self.figure == "null":
-            return f"null/seed{self.seeds[0]}-{self.seeds[1]}"
+        if self.figure == "floor":
+            return f"floor/init{self.seeds[0]}-{self.seeds[1]}"
+        if self.figure in ("fig7", "adabn", "spread"):
+            return f"{self.figure}/{self.start}/seed{'-'.join(map(str, self.seeds))}"
         if self.figure == "figA1":
             return f"figA1/{self.start}/{self.scenario}"
         return self.figure
@@ -159,8 +169,9 @@ def same_block(ds: xr.Dataset) -> dict[str, list[float]]:
 
 
 def cka_summary(ds: xr.Dataset) -> dict[str, Any]:
-    """JSON numbers of a CKA result: the matrix, its diagonal with CIs, the mean CI width, the early/late means."""
-    out: dict[str, Any] = {"layers_a": [str(x) for x in ds["layer_a"].values],
+    """JSON numbers of a CKA result: its feature (``pool``), the matrix, its diagonal with CIs, the mean CI width, the
+    early/late means."""
+    out: dict[str, Any] = {"pool": ds.attrs.get("pool"), "layers_a": [str(x) for x in ds["layer_a"].values],
                            "layers_b": [str(x) for x in ds["layer_b"].values],
                            "cka": np.round(ds["cka"].values, 4).tolist()}
     if "lower" in ds and ds.sizes["layer_a"] == ds.sizes["layer_b"]:
@@ -171,24 +182,51 @@ def cka_summary(ds: xr.Dataset) -> dict[str, Any]:
     return out
 
 
-def diagonal_groups(mats: Matrices) -> dict[str, tuple[list[float], list[float], list[float]]]:
-    """Same-block CKA rows for tables and plots: per start the mean over seeds with [min, max] over seeds, seed 0
-    with its bootstrap CI, and the null reference (mean, [min, max] over pairs of scratch seeds)."""
-    groups: dict[str, list[list[float]]] = {}
-    out: dict[str, tuple[list[float], list[float], list[float]]] = {}
+# Fig 7's curves per start, in drawing order: what each compares (the label) and its line style
+FIG7_CURVES = {"fig7": "before vs after", "adabn": "AdaBN-before vs after", "spread": "seed spread (after vs after)"}
+FLOOR = "floor (random init vs random init)"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One same-block CKA curve of Fig 7 over blocks: ``figure`` (``fig7``, ``adabn``, ``spread`` or ``floor``) of
+    ``start`` ("" for the floor), the mean over its ``n`` matrices and a band: the min–max over them when there are
+    several, else the one matrix's 95% bootstrap CI over batches; ``band`` says which."""
+
+    figure: str
+    start: str
+    n: int
+    mean: list[float]
+    lower: list[float]
+    upper: list[float]
+    band: str
+
+    @property
+    def label(self) -> str:
+        """What the curve compares, its count and its band, e.g. ``scratch: before vs after (3 seeds; band: min–max
+        over seeds)``."""
+        what = FLOOR if self.figure == "floor" else f"{self.start}: {FIG7_CURVES[self.figure]}"
+        unit = "pair" if self.figure in ("floor", "spread") else "seed"
+        return f"{what} ({self.n} {unit}{'s' * (self.n > 1)}; band: {self.band})"
+
+
+def diagonal_groups(mats: Matrices) -> list[Curve]:
+    """Fig 7's curves of one target: the floor, then per start before vs after, AdaBN-before vs after and the seed
+    spread, each the mean over its seeds (or pairs) with its band (``Curve``)."""
+    groups: dict[tuple[str, str], list[dict[str, list[float]]]] = {}
     for c, ds in mats.items():
-        if c.figure == "fig7":
-            groups.setdefault(c.start, []).append(same_block(ds)["cka"])
-            if c.seeds == (0,):
-                d = same_block(ds)
-                out[f"{c.start}, seed 0 [95% bootstrap CI]"] = (d["cka"], d["lower"], d["upper"])
-        elif c.figure == "null":
-            groups.setdefault("null", []).append(same_block(ds)["cka"])
-    for name, rows in groups.items():
-        if name != "null" and len(rows) < 2:
-            continue  # one seed: its row with the bootstrap CI says it all
-        a = np.array(rows)
-        label = (f"null: scratch vs scratch, {len(rows)} pairs [min, max]" if name == "null"
-                 else f"{name}, mean of {len(rows)} seeds [min, max]")
-        out[label] = (a.mean(0).tolist(), a.min(0).tolist(), a.max(0).tolist())
+        if c.figure in ("floor", *FIG7_CURVES):
+            groups.setdefault((c.figure, c.start), []).append(same_block(ds))
+    order = {f: i for i, f in enumerate(("floor", *FIG7_CURVES))}
+    starts = list(dict.fromkeys(start for _, start in groups))
+    out = []
+    for (figure, start), rows in sorted(groups.items(), key=lambda kv: (kv[0][0] != "floor", starts.index(kv[0][1]),
+                                                                         order[kv[0][0]])):
+        cka = np.array([r["cka"] for r in rows])
+        if len(rows) > 1:
+            unit = "pairs" if figure in ("floor", "spread") else "seeds"
+            lower, upper, band = cka.min(0).tolist(), cka.max(0).tolist(), f"min–max over {unit}"
+        else:
+            lower, upper, band = rows[0]["lower"], rows[0]["upper"], "95% bootstrap CI over batches"
+        out.append(Curve(figure, start, len(rows), cka.mean(0).tolist(), lower, upper, band))
     return out

@@ -181,6 +181,9 @@ class Settings:
                 raise ValueError(f"budget_starts: {name!r} is not a start of the study ({names})")
         if self.budget_points and int(self.train.get("steps") or 0) < max(self.budget_points):
             raise ValueError(f"budget_points {list(self.budget_points)} need train.steps >= {max(self.budget_points)}")
+        if self.reference_pairs < 0:
+            raise ValueError(f"reference_pairs must be >= 0 (random-init pairs of the CKA floor), got "
+                             f"{self.reference_pairs}")
         if self.cka_batch_size < 4:
             raise ValueError(f"cka_batch_size must be >= 4 (unbiased HSIC), got {self.cka_batch_size}")
 
@@ -219,8 +222,8 @@ PRESETS: dict[str, Settings] = {
     # the SSL start, equal budgets, 5 seeds.
     "natural-short": Settings(
         model="efficientnet_lite0", model_kwargs={}, img_size=48, normalise="model",
-        starts=(Start("imagenet", "pretrained"), Start("ssl", "ssl"), Start("ssl-simclr", "ssl", method="simclr", scenarios=("frozen-linear",)),
-                Start("scratch", "scratch")),
+        starts=(Start("imagenet", "pretrained"), Start("ssl", "ssl"),
+                Start("ssl-simclr", "ssl", method="simclr", scenarios=("frozen-linear",)), Start("scratch", "scratch")),
         targets=("breastmnist",), scenarios=("frozen-linear", "unfrozen-linear"),
         ssl={"method": "dino", "train": {"epochs": 15, "batch_size": 32, "num_workers": 0}},
         train={"steps": 300, "batch_size": 64, "lr_grid": [1.0e-4, 3.0e-4, 1.0e-3], "seeds": 5, "warmup_iters": 50,

@@ -1,7 +1,10 @@
-"""The study's CKA: blocks before vs after fine-tuning for every start (Fig 7), the same between two independently
-seeded from-scratch models (the null reference: "how different is different"), the stacked classifier before vs
-after (Fig A.1) and the last block across backbones (Fig 8). Each matrix is a netCDF file under ``cka/<target>/``,
-computed once and reused."""
+"""The study's CKA, all on flattened stage outputs (``results.CKA_POOL``): blocks before vs after fine-tuning for
+every start (Fig 7) with three references per block, the floor (two random initialisations of the backbone), the
+seed spread (two seeds of the same start after fine-tuning: "how different is different") and AdaBN-before vs after
+(the start with its BatchNorm statistics re-estimated on the target's train images, so a change of weights is told
+apart from a change of statistics); the stacked classifier before vs after (Fig A.1) and the last block across
+backbones (Fig 8). Each matrix is a netCDF file under ``cka/<target>/`` (its attrs say the comparison and the
+feature), computed once and reused."""
 
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ import torch
 import xarray as xr
 from torch import nn
 
+from repsim.batches import near_equal_batches
 from repsim.files import load_netcdf, save_netcdf
 from repsim.inputs import Stats, renormaliser
-from repsim.study.results import Comparison, Place
+from repsim.study.results import CKA_FEATURE, CKA_POOL, Comparison, Place
 from repsim.study.workspace import Workspace
-from repsim.train.runs import find_runs, load_run
+from repsim.train.runs import RunFiles, find_runs, load_run
 from repsim.types import STACKED
 
 
@@ -56,7 +60,7 @@ def study_cka(ws: Workspace, finetune: Mapping[str, Any]) -> dict[str, dict[Comp
     from repsim.train.utils import pick_device
 
     kw: dict[str, Any] = {"device": pick_device(ws.device), "bootstrap": Bootstrap(ws.settings.n_boot),
-                          "progress": False}
+                          "pool": CKA_POOL, "progress": False}
     targets = list(dict.fromkeys(t for _, t, _ in ws.settings.experiments()))
     return {t: _target_matrices(ws, finetune, t, kw) for t in targets}
 
@@ -66,11 +70,13 @@ def _target_matrices(ws: Workspace, finetune: Mapping[str, Any], target: str,
     """Every CKA matrix of one target, on its test split (computed once, then read from ``cka/<target>/``)."""
     from repsim.compare import compare, compare_many, default_layers
     from repsim.data import bootstrap_batches, prepare
+    from repsim.surgery import adapt_batchnorm, batchnorm_layers
 
     s = ws.settings
-    test = prepare(ws.data_block(target), ws.data_root).datasets["test"]
+    splits = prepare(ws.data_block(target), ws.data_root).datasets
+    test, train = splits["test"], splits["train_eval"]  # train_eval: the train images with the eval transform
     loader = torch.utils.data.DataLoader(test, batch_sampler=bootstrap_batches(len(test), s.cka_batch_size))
-    scratch = next((st.name for st in s.starts if st.kind == "scratch"), None)
+    adabn = bool(batchnorm_layers(ws.backbone()))  # without BatchNorm, AdaBN-before is the start itself
 
     def runs(start: str, scenario: str) -> list[Path]:
         res = finetune.get(start, {}).get(target, {}).get(scenario)
@@ -81,6 +87,22 @@ def _target_matrices(ws: Workspace, finetune: Mapping[str, Any], target: str,
         layers = default_layers(before) if part == "backbone" else [
             n for n, _ in before.named_modules() if n.startswith("classifier.blocks.") and n.count(".") == 2]
         return compare(before, after, loader, layers_a=layers, labels=("before", "after"), **kw)
+
+    def adabn_after(run: Path) -> xr.Dataset:
+        """The start with BatchNorm statistics re-estimated on the train images (batches of the fine-tuning's size,
+        each normalised by its own statistics as in training) vs the fine-tuned model."""
+        batches = near_equal_batches(len(train), int(RunFiles(run).read_config()["train"]["batch_size"]))
+        before = adapt_batchnorm(load_run(run, "init").to(kw["device"]),
+                                 torch.utils.data.DataLoader(train, batch_sampler=batches))
+        return compare(before, load_run(run, "best"), loader, labels=("AdaBN-before", "after"), **kw)
+
+    def floor(i: int, j: int) -> xr.Dataset:
+        nets = []
+        for seed in (i, j):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                nets.append(ws.backbone().eval())
+        return compare(nets[0], nets[1], loader, labels=(f"random init {i}", f"random init {j}"), **kw)
 
     def between(a: Path, b: Path, labels: tuple[str, str]) -> xr.Dataset:
         return compare(load_run(a), load_run(b), loader, labels=labels, **kw)
@@ -96,25 +118,29 @@ def _target_matrices(ws: Workspace, finetune: Mapping[str, Any], target: str,
             other = ws.backbone(model=name, pretrained=True).eval()
             models[name] = other if ws.norm is None else Renormalised(other, (tuple(ws.norm[0]), tuple(ws.norm[1])))
         last = {k: [m.layer_names()[-1]] for k, m in models.items()}  # type: ignore[operator]
-        return compare_many(models, loader, layers=last, device=kw["device"], progress=False)
-
-    def cached(c: Comparison, make: Callable[[], xr.Dataset], **attrs: Any) -> xr.Dataset:
-        return _cached(ws.cka_file(target, c), make, **attrs)
+        return compare_many(models, loader, layers=last, pool=CKA_POOL, device=kw["device"], progress=False)
 
     mats: dict[Comparison, xr.Dataset] = {}
+
+    def cached(c: Comparison, make: Callable[[], xr.Dataset], **attrs: Any) -> None:
+        mats[c] = _cached(ws.cka_file(target, c), make, comparison=str(c), feature=CKA_FEATURE, **attrs)
+
+    for k in range(s.reference_pairs):  # disjoint pairs: independent draws of the floor
+        cached(Comparison("floor", seeds=(2 * k, 2 * k + 1)), functools.partial(floor, 2 * k, 2 * k + 1))
     for st in s.starts:
-        for seed, run in enumerate(runs(st.name, "unfrozen-linear")[:s.cka_seeds]):
-            c = Comparison("fig7", st.name, seeds=(seed,))
-            mats[c] = cached(c, functools.partial(before_after, run), run=str(run))
-    trained = runs(scratch, "unfrozen-linear") if scratch else []
-    for (i, a), (j, b) in itertools.combinations(enumerate(trained), 2):
-        c = Comparison("null", seeds=(i, j))
-        mats[c] = cached(c, functools.partial(between, a, b, (f"scratch seed {i}", f"scratch seed {j}")))
+        found = runs(st.name, "unfrozen-linear")[:s.cka_seeds]
+        for seed, run in enumerate(found):
+            cached(Comparison("fig7", st.name, seeds=(seed,)), functools.partial(before_after, run), run=str(run))
+            if adabn:
+                cached(Comparison("adabn", st.name, seeds=(seed,)), functools.partial(adabn_after, run), run=str(run))
+        for (i, a), (j, b) in itertools.combinations(enumerate(found), 2):
+            cached(Comparison("spread", st.name, seeds=(i, j)),
+                   functools.partial(between, a, b, (f"{st.name} seed {i}", f"{st.name} seed {j}")))
     stacked = next((st.name for st in s.starts if any(runs(st.name, sc) for sc in STACKED)), None)
     for sc in STACKED if stacked else ():
         for run in runs(stacked or "", sc)[:1]:
-            c = Comparison("figA1", stacked or "", sc)
-            mats[c] = cached(c, functools.partial(before_after, run, "classifier"), run=str(run))
+            cached(Comparison("figA1", stacked or "", sc), functools.partial(before_after, run, "classifier"),
+                   run=str(run))
     if s.fig8_models or any(runs(st.name, "unfrozen-linear") for st in s.starts):
-        mats[Comparison("fig8")] = cached(Comparison("fig8"), fig8)
+        cached(Comparison("fig8"), fig8)
     return mats

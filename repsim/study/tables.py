@@ -1,7 +1,8 @@
 """The sections of ``tables.md`` that report the study's statistics and bookkeeping (``Findings``: numbers read from
 the run folders once by ``repsim.study.outputs``): headline results with bootstrap intervals, the paired
 differences (primary and secondary families, Holm), the LR search, runs still improving, the budget curve, the
-clock per stage, the self-supervised starts and the stacked classifier's tokens. Markdown strings only."""
+clock per stage, the self-supervised starts, the stacked classifier's tokens and Fig 7's CKA curves with their
+references. Markdown strings only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from repsim.study.results import CKA_FEATURE, CKA_POOL, Matrices, diagonal_groups
+from repsim.study.settings import Settings
 from repsim.study.stats import ALPHA, IMPROVING_TARGET, metric_label
 
 Key = tuple[str, str, str]  # (start, target, scenario)
@@ -181,3 +184,24 @@ def tokens(facts: Mapping[str, Any]) -> list[str]:
               if tok["side"] < tok["grid"] else "")
     return [f"Stacked classifier input: the last block's {tok['grid']}x{tok['grid']} token grid at "
             f"{tok['img_size']} px{pooled}: it sees {tok['tokens']} tokens (+ its CLS token).", ""]
+
+
+def fig7(s: Settings, cka: Mapping[str, Matrices]) -> list[str]:
+    """The Fig 7 section of ``tables.md``: per target the same-block CKA curves with their references and bands."""
+    parts = [f"## Fig 7: same-block CKA on {CKA_FEATURE}, before vs after fine-tuning (unfrozen-linear), with "
+             "references", "",
+             "Unbiased minibatch CKA on each target's test split (near-equal batches, at least 10 where the split "
+             f"allows, the smallest of min({s.cka_batch_size}, N/10) images), "
+             f"CKA(block k of a, block k of b) on {CKA_FEATURE} (pool={CKA_POOL!r}). Per start: *before vs after* "
+             "(the start vs the model fine-tuned from it, per seed), *AdaBN-before vs after* (the start with its "
+             "BatchNorm statistics re-estimated on the target's train images first, so weight change and "
+             "statistics change are told apart) and the *seed spread* (two seeds of the start after fine-tuning); "
+             f"the *floor*: two random initialisations of the backbone ({s.reference_pairs} disjoint pairs). Each "
+             "cell: the mean over seeds (or pairs) [band]; the row says which band: the min–max over seeds/pairs, "
+             "or with one matrix its 95% bootstrap CI over batches.", "",
+             "| Target | Curve | block 0 … last |", "|---|---|---|"]
+    for t, mats in cka.items():
+        for c in diagonal_groups(mats):
+            cells = ", ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(c.mean, c.lower, c.upper))
+            parts.append(f"| {t} | {c.label} | {cells} |")
+    return parts
