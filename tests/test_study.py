@@ -322,8 +322,8 @@ def test_natural_preset_plans_the_papers_question() -> None:
 
     s = PRESETS["natural"]
     s.check()
-    assert [(st.kind, st.continued) for st in s.starts] == [("pretrained", False), ("ssl", False), ("ssl", True),
-                                                            ("scratch", False)]
+    assert [(st.kind, st.method) for st in s.starts] == [("pretrained", None), ("ssl", None), ("ssl", "simclr"),
+                                                         ("scratch", None)] and s.ssl["method"] == "dino"
     assert s.train["seeds"] == 5 and s.curve_seeds >= 3 and s.cka_seeds == 5 and len(s.train["lr_grid"]) >= 3
     assert s.train["steps"] == max(s.budget_points) and s.train["extend_lr_grid"] and s.train["test_at_best"]
     assert not s.frozen_train and all(set(u) <= {"patience"} for u in s.target_train.values())  # equal budgets
@@ -335,10 +335,10 @@ def test_natural_preset_plans_the_papers_question() -> None:
         s.primaries
     ws = Workspace(s, "/nonexistent-study")
     ssl = [e for e in plan(ws) if e.kind == "pretrain"]
-    assert sorted(str(e.key) for e in ssl) == [f"ssl/{st}/{t}" for st in ("imagenet-ssl", "ssl")
-                                               for t in sorted(s.targets)]
-    assert all(e.cfg["data"]["img_size"] == 48 and e.cfg["method"] == "dino" for e in ssl)
-    assert {e.cfg["model"]["pretrained"] for e in ssl} == {True, False}
+    assert sorted(str(e.key) for e in ssl) == sorted(f"ssl/{st}/{t}" for st in ("ssl", "ssl-simclr")
+                                                     for t in s.targets)
+    assert all(e.cfg["data"]["img_size"] == 48 and not e.cfg["model"]["pretrained"] for e in ssl)
+    assert sorted(e.cfg["method"] for e in ssl) == ["dino", "dino", "simclr", "simclr"]
     assert {(a, t, sc) for a, b, sc in s.primaries for t in s.targets} <= keys
     assert {(b, t, sc) for a, b, sc in s.primaries for t in s.targets} <= keys
     assert ("imagenet", "retinamnist", "unfrozen-stacked") in keys and ("ssl", "breastmnist", "frozen-stacked") in keys
