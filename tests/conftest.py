@@ -35,6 +35,15 @@ def data_root() -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Training steps are tiny; one thread per pytest worker avoids oversubscribing the 2 CI cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a torch.distributed (gloo) rendezvous between spawned processes."""
     with socket.socket() as s:

@@ -19,13 +19,7 @@ from repsim.train.loop import memory_format, train
 from repsim.train.runner import grid_step_beyond, run_experiment
 from repsim.train.runs import RunFiles, find_runs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,7 @@ TINY_CNN = {"name": "test_resnet", "kwargs": {}, "pretrained": False}
 TINY_VIT = {"name": "vit_tiny_patch16_224", "pretrained": False,
             "kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 2}}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training steps are tiny; one thread per pytest worker avoids oversubscribing the 2 CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def medmnist_spec(flag: str, model: dict = TINY_CNN, img_size: int = 28, **train) -> dict:
