@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(default_root() or "../shared/data"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also torch.compile (first compile takes minutes)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="run only the variants whose names contain one of these texts (and the baselines)")
     args = parser.parse_args()
     root, cores = args.data_root, torch.get_num_threads()
     lin, stk = config(), config("unfrozen-stacked")
@@ -193,6 +195,9 @@ def main() -> None:
     }
     if args.compile:
         variants["bare, torch.compile"] = lambda: bare(lin, root, compile_model=True)
+    if args.only:
+        keep = ("bare (timm + torch, NCHW)", "trainer, channels_last off")  # the columns' references
+        variants = {k: v for k, v in variants.items() if k in keep or any(t in k for t in args.only)}
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():  # one warm-up each (imports, allocator, compile)
         fn()
