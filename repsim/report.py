@@ -102,14 +102,15 @@ def _selection_metric(run: Path) -> str | None:
     """The metric a run selects its checkpoint on (from its summary, else its config when set there)."""
     files = RunFiles(run)
     if _own(run, files.summary):
-        return files.read_summary()["metric"]
+        return files.read_summary().get("metric")  # None for a self-supervised run: it selects on nothing
     if _own(run, files.config):
         return (files.read_config().get("train") or {}).get("metric")
     return None
 
 
 def curves_figure(runs: Iterable[Path], title: str) -> Figure:
-    """Train loss and validation selection metric per epoch, one line per run folder (labelled by its path)."""
+    """Train loss and validation selection metric per epoch, one line per run folder (labelled by its path; a
+    self-supervised run shows its loss only)."""
     fig = Figure(figsize=(8.5, 2.8), layout="constrained")
     loss_ax, val_ax = fig.subplots(1, 2)
     metric = ""
@@ -120,12 +121,13 @@ def curves_figure(runs: Iterable[Path], title: str) -> Figure:
         metric = _selection_metric(run) or metric
         label = f"{run.parent.name}/{run.name}"
         epochs = [r["epoch"] for r in rows]
-        loss_ax.plot(epochs, [r["train_loss"] for r in rows], marker=".", label=label)
+        loss_ax.plot(epochs, [r.get("train_loss", r.get("loss")) for r in rows], marker=".", label=label)
         if f"val_{metric}" in rows[0]:
             val_ax.plot(epochs, [r[f"val_{metric}"] for r in rows], marker=".", label=label)
     loss_ax.set(xlabel="epoch", ylabel="train loss")
     val_ax.set(xlabel="epoch", ylabel=f"validation {metric}")
-    val_ax.legend(fontsize=6, ncols=2)
+    if val_ax.lines:
+        val_ax.legend(fontsize=6, ncols=2)
     fig.suptitle(title, fontsize=9)
     return fig
 

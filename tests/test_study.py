@@ -361,6 +361,9 @@ def test_ssl_starts_pretrain_on_each_target_and_a_collapsed_start_is_a_finding(t
     (ft,) = find_runs(tmp_path / "good" / "finetune" / "ssl" / "breastmnist" / "frozen-linear")
     assert yaml.safe_load((ft / "config.yaml").read_text())["model"]["checkpoint"] == str(run / "backbone_best.pt")
     assert json.loads((run / "split.json").read_text())["train"] == json.loads((ft / "split.json").read_text())["train"]
+    from repsim.report import curves_figure
+
+    assert curves_figure([run, ft], "ssl and its fine-tuning").axes[0].lines  # the report draws both kinds of run
 
     bad = replace(good, ssl={**ssl, "collapse": {"min_rank": 1.0e9, "patience": 1}})
     summary = Study(bad, tmp_path / "bad", data_root=tiny_root).run()
