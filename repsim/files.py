@@ -106,6 +106,17 @@ def save_torch(obj: Any, path: str | os.PathLike[str]) -> Path:
     return atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def save_npz(path: str | os.PathLike[str], **arrays: Any) -> Path:
+    """``np.savez`` of ``arrays`` to ``path``, atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to the temporary file's name
+            np.savez(fh, **arrays)
+
+    return atomic(path, write)
+
+
 def load_torch(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     """``torch.load`` with ``weights_only=True`` (tensors and plain containers only: a pickle that would run code is
     refused), with errors that name the file and say why it cannot be read."""

@@ -15,9 +15,10 @@ from repsim.data.synthetic import write_image_folder
 from repsim.metrics import compute_metrics
 from repsim.study.clock import budget_curve, stage_clock, value_at_budget
 from repsim.train.config import expand
-from repsim.train.loop import memory_format, train
+from repsim.train.loop import train
 from repsim.train.runner import grid_step_beyond, run_experiment
 from repsim.train.runs import RunFiles, find_runs
+from repsim.train.utils import memory_format
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,7 +121,7 @@ def test_the_frozen_cache_is_bit_identical_with_and_without_channels_last(textur
 
 def test_a_resumed_run_keeps_the_threads_it_started_with(tmp_path, monkeypatch) -> None:
     from repsim.files import save_torch
-    from repsim.train.loop import resumed_threads
+    from repsim.train.utils import resumed_threads
 
     files = RunFiles(tmp_path)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -14,10 +14,8 @@ run folder's files are ``repsim.train.runs.RunFiles``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from repsim.data import Data, prepare
-from repsim.files import atomic, load_state, load_torch, lock, save_torch, write_text
+from repsim.files import load_state, load_torch, lock, save_npz, save_torch, write_text
 from repsim.metrics import CHEXPERT_COMPETITION, SELECTABLE, compute_metrics
 from repsim.models.classifier import FoundationClassifier
 from repsim.progress import tqdm
@@ -45,8 +43,10 @@ from repsim.train.utils import (
     build_model,
     check_same_config,
     distributed,
+    memory_format,
     param_groups,
     pick_device,
+    resumed_threads,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -59,26 +59,9 @@ def lr_at(iteration: int, *, base_lr: float, warmup: int, plateaus: int) -> floa
     return base_lr * min(1.0, (iteration + 1) / max(1, warmup)) * 0.1 ** plateaus
 
 
-def memory_format(model: nn.Module, setting: bool | str) -> torch.memory_format:
-    """NHWC (``channels_last``) for ``True``, or for ``"auto"`` on a network with 2-d BatchNorm (a convnet: its
-    convolutions run faster on NHWC, bench/train_throughput.py); NCHW otherwise."""
-    if setting == "auto":
-        setting = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    return torch.channels_last if setting else torch.contiguous_format
-
-
 def epochs_of(tc: dict[str, Any], steps_per_epoch: int) -> int:
     """Epochs a run goes through: ``train.epochs``, or with a ``train.steps`` budget as many as hold its steps."""
     return math.ceil(tc["steps"] / steps_per_epoch) if tc["steps"] else tc["epochs"]
-
-
-def resumed_threads(files: RunFiles, resume: bool) -> int | None:
-    """The intra-op threads a run being resumed started with (None for a new run, or when the environment pins
-    them): the same count keeps its numbers bit-identical."""
-    last = files.checkpoint("last")
-    if not resume or not last.exists() or os.environ.get("REPSIM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
-        return None
-    return load_torch(last)["state"].get("threads")
 
 
 def is_better(value: float, best: float | None) -> bool:
@@ -368,11 +351,6 @@ def keep_best(files: RunFiles, model: FoundationClassifier, state: Progress, val
     return False
 
 
-def _save_npz(path: Path, **arrays: Any) -> None:
-    with open(path, "wb") as fh:  # a file object: np.savez would append .npz to the temporary file's name
-        np.savez(fh, **arrays)
-
-
 def end_epoch(files: RunFiles, opt: Optimisation, state: Progress, record: dict[str, Any]) -> None:
     """Append the epoch's metrics and write the last checkpoint (what a resume starts from)."""
     with open(files.metrics, "a") as fh:
@@ -405,7 +383,7 @@ def test_and_summarise(cfg: dict[str, Any], files: RunFiles, opt: Optimisation, 
         "world_size": world, "device": str(device), "threads": torch.get_num_threads(),
     }
     if main:
-        atomic(files.predictions, functools.partial(_save_npz, probs=probs, targets=targets))
+        save_npz(files.predictions, probs=probs, targets=targets)
         write_text(files.summary, json.dumps(summary, indent=2))
         files.checkpoint("last").unlink()
     return summary

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch import nn
 
 from repsim.data import Data
+from repsim.files import load_torch
 from repsim.train.config import DEFAULTS, config_diff, deep_merge
 from repsim.train.runs import RunFiles
 
@@ -157,3 +159,20 @@ def describe_weights(model_cfg: dict[str, Any]) -> str:
     if model_cfg.get("checkpoint"):
         return f"checkpoint {model_cfg['checkpoint']}"
     return "pretrained" if model_cfg.get("pretrained") else "random init"
+
+
+def memory_format(model: nn.Module, setting: bool | str) -> torch.memory_format:
+    """NHWC (``channels_last``) for ``True``, or for ``"auto"`` on a network with 2-d BatchNorm (a convnet: its
+    convolutions run faster on NHWC, bench/train_throughput.py); NCHW otherwise."""
+    if setting == "auto":
+        setting = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    return torch.channels_last if setting else torch.contiguous_format
+
+
+def resumed_threads(files: RunFiles, resume: bool) -> int | None:
+    """The intra-op threads a run being resumed started with (None for a new run, or when the environment pins
+    them): the same count keeps its numbers bit-identical."""
+    last = files.checkpoint("last")
+    if not resume or not last.exists() or os.environ.get("REPSIM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return load_torch(last)["state"].get("threads")
