@@ -49,9 +49,9 @@ def _experiment(ws: Workspace, place: Place, weights: Mapping[str, Any], *, mode
     target, scenario = place.target, place.scenario
     cfg = resolved_config(ws.data_block(target), model_block(ws, scenario, weights, model, **(model_extra or {})),
                           train_block(ws, target, scenario, **(train or {})))
-    cached = scenario.startswith("frozen-") and cfg["train"]["cache_frozen"]
-    runs = len(cfg["train"]["lr_grid"] or [0]) + int(cfg["train"]["seeds"])
     tc = cfg["train"]
+    cached = scenario.startswith("frozen-") and tc["cache_frozen"]
+    runs = len(tc["lr_grid"] or [0]) + int(tc["seeds"])
     images = tc["steps"] * tc["batch_size"] if tc["steps"] else _SIZE_HINT.get(target, 1000) * tc["epochs"]
     cost = images * runs * (0.02 if cached else 1.0)
     return Experiment(place, cfg, ws.folder(place), cost=cost, **kw)
