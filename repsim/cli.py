@@ -113,8 +113,10 @@ def add_heatmap(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer-names", choices=("names", "indices"), default="names",
                    help="tick labels: the layers' module names or block indices 0..L-1")
     p.add_argument("--dpi", type=int, default=300, help="resolution of a PNG")
-    p.add_argument("--vmin", type=float, default=0.0, help="colour scale minimum")
-    p.add_argument("--vmax", type=float, default=1.0, help="colour scale maximum")
+    p.add_argument("--vmin", type=float, default=None,
+                   help="colour scale minimum (default: 0, or the lowest value when one is below 0)")
+    p.add_argument("--vmax", type=float, default=None,
+                   help="colour scale maximum (default: 1, or the highest value when one is above 1)")
     p.add_argument("--cmap", default="magma", help="matplotlib colour map")
     p.add_argument("--annotate", default="auto", choices=("auto", "cka", "ci", "none"),
                    help="cell text: CKA, CKA ± half CI, none (auto: CKA up to 12x12)")

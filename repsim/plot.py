@@ -14,6 +14,7 @@ import math
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import seaborn as sns
@@ -144,12 +145,25 @@ def _cells(da: xr.DataArray, width: xr.DataArray | None, annotate: str) -> np.nd
 MAX_INCHES = 40.0  # the largest side of a heatmap's figure: its memory would otherwise grow with layers²
 
 
+def colour_limits(values: Sequence[Any], vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    """The colour scale: ``vmin``/``vmax`` where given, else [0, 1] widened to every finite value of ``values``
+    (arrays), so a cell outside [0, 1] -- unbiased CKA can be slightly negative -- gets its own colour instead of
+    being clipped to the end of the scale."""
+    finite = np.concatenate([np.ravel(np.asarray(v, dtype=float)) for v in values] or [np.zeros(0)])
+    finite = finite[np.isfinite(finite)]
+    low = vmin if vmin is not None else min(0.0, float(finite.min())) if finite.size else 0.0
+    high = vmax if vmax is not None else max(1.0, float(finite.max())) if finite.size else 1.0
+    if not low < high:
+        raise ValueError(f"vmin ({low}) must be below vmax ({high}): they bound the colour scale")
+    return low, high
+
+
 def heatmap(
     m: Matrix,
     *,
     ax: Axes | None = None,
-    vmin: float = 0.0,
-    vmax: float = 1.0,
+    vmin: float | None = None,
+    vmax: float | None = None,
     cmap: str = "magma",
     title: str | None = None,
     annotate: str = "auto",
@@ -166,10 +180,9 @@ def heatmap(
     the estimator, samples, pooling and what the cells hold. ``labels`` names the two models (default: the attrs').
     ``annotate``: ``"cka"`` writes each cell's CKA, ``"ci"`` CKA ± half its bootstrap CI (needs ``lower``/``upper``),
     ``"none"`` nothing, ``"auto"`` CKA up to 12x12 cells. Draws into ``ax`` when given; returns the Figure (rendered
-    inline by Jupyter), never shown by pyplot.
+    inline by Jupyter), never shown by pyplot. The colour scale is ``vmin``..``vmax``, by default [0, 1] widened to
+    any value outside it (``colour_limits``).
     """
-    if not vmin < vmax:
-        raise ValueError(f"vmin ({vmin}) must be below vmax ({vmax}): they bound the colour scale")
     if layer_names not in ("names", "indices"):
         raise ValueError(f"layer_names must be 'names' or 'indices', got {layer_names!r}")
     if labels is not None and (isinstance(labels, str) or len(labels) != 2):
@@ -177,6 +190,7 @@ def heatmap(
     da, width = _split(m)
     if da.dims != ("layer_a", "layer_b"):
         raise ValueError(f"expected dims ('layer_a', 'layer_b'), got {da.dims}")
+    vmin, vmax = colour_limits([da.values], vmin, vmax)
     if annotate == "auto":
         annotate = "cka" if max(da.shape) <= 12 else "none"
     if annotate not in CELLS:
@@ -222,17 +236,18 @@ def heatmap_grid(
     *,
     titles: Sequence[str] | None = None,
     ncols: int | None = None,
-    vmin: float = 0.0,
-    vmax: float = 1.0,
+    vmin: float | None = None,
+    vmax: float | None = None,
     cmap: str = "magma",
     annotate: str = "auto",
     panel_size: float = 3.2,
     title: str | None = None,
 ) -> Figure:
-    """Several CKA matrices in a grid with one shared colourbar (same ``vmin``/``vmax`` for all panels) and an
-    optional overall ``title`` (wrapped to the figure's width)."""
+    """Several CKA matrices in a grid with one shared colourbar (same ``vmin``/``vmax`` for all panels, by default
+    [0, 1] widened to every panel's values) and an optional overall ``title`` (wrapped to the figure's width)."""
     if not matrices:
         raise ValueError("heatmap_grid needs at least one matrix")
+    vmin, vmax = colour_limits([_split(m)[0].values for m in matrices], vmin, vmax)
     if titles is not None and len(titles) != len(matrices):
         raise ValueError(f"got {len(titles)} titles for {len(matrices)} matrices")
     ncols = min(len(matrices), ncols or 3)

@@ -43,6 +43,17 @@ def test_heatmap_orientation_scale_labels_title() -> None:
     assert cbar.get_ylabel() == "CKA"
 
 
+def test_a_value_outside_0_1_widens_the_colour_scale_instead_of_being_clipped() -> None:
+    """Unbiased CKA can be slightly negative (and a CI end above 1): the default scale [0, 1] widens to every finite
+    value, in one heatmap and across a grid's shared colourbar; given limits are kept."""
+    low = matrix(3, 3).copy(data=np.array([[-0.03, 0.2, 0.5], [0.1, 1.0, 0.4], [np.nan, 0.3, 0.9]]))
+    assert heatmap(low).axes[0].collections[0].get_clim() == (-0.03, 1.0)
+    assert heatmap(low, vmin=-0.5, vmax=2.0).axes[0].collections[0].get_clim() == (-0.5, 2.0)
+    grid = heatmap_grid([matrix(3, 3), low.copy(data=low.values + 0.05)])
+    assert {ax.collections[0].get_clim() for ax in grid.axes[:2]} == {(0.0, 1.05)}
+    assert grid.axes[-1].get_ylim() == pytest.approx((0.0, 1.05))  # the colourbar shows the whole range
+
+
 def test_heatmap_cells_show_cka_with_half_ci() -> None:
     cka = matrix(3, 3)
     ds = xr.Dataset({"cka": cka, "lower": cka - 0.04, "upper": cka + 0.1}, attrs=cka.attrs)
