@@ -134,13 +134,14 @@ def _train(cfg: dict[str, Any], files: RunFiles, *, data_root: str | Path | None
     model, model_record = build_model(cfg, data)  # same init on every process: same seed
     model.to(device)
     model.to(memory_format=memory_format(model, tc["channels_last"]))
+    last = files.checkpoint("last")
+    ckpt = load_torch(last, map_location=device) if resume and last.exists() else None
     if device.type == "cpu":  # a small model on a busy machine: one thread (repsim.threads); a resume: as before
-        torch.set_num_threads(resumed_threads(files, resume) or
-                              auto_threads(model, data.datasets["val"][0][0][None].to(device)))
+        torch.set_num_threads(resumed_threads(ckpt) or auto_threads(model, data.datasets["val"][0][0][None].to(device)))
     if main:
         write_run_start(files, cfg, model, model_record, data)
     opt = set_up_optimisation(cfg, model, data, device, rank, world, progress)
-    state = resume_state(files, opt if resume else None, device, main)
+    state = resume_state(files, opt, ckpt, main)
     state.threads = state.threads or torch.get_num_threads()
     if world > 1:
         opt.net = DistributedDataParallel(opt.train_net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -254,15 +255,13 @@ def set_up_optimisation(cfg: dict[str, Any], model: FoundationClassifier, data: 
                         warmup, amp_dtype, drop, eval_kw, fmt)
 
 
-def resume_state(files: RunFiles, opt: Optimisation | None, device: torch.device, main: bool) -> Progress:
-    """A fresh ``Progress``, or (``opt`` given and a last checkpoint present) the one saved with the weights,
-    optimizer, scaler and RNG states it restores. Metrics of epochs after the checkpoint (a crash between the two
-    writes) are dropped, to be recomputed."""
+def resume_state(files: RunFiles, opt: Optimisation, ckpt: dict[str, Any] | None, main: bool) -> Progress:
+    """A fresh ``Progress``, or (resuming: ``ckpt`` is the last checkpoint) the one saved with the weights, optimizer,
+    scaler and RNG states it restores. Metrics of epochs after the checkpoint (a crash between the two writes) are
+    dropped, to be recomputed."""
     state = Progress()
-    last = files.checkpoint("last")
-    if opt is not None and last.exists():
-        ckpt = load_torch(last, map_location=device)
-        load_state(opt.model, ckpt["model"], last)
+    if ckpt is not None:
+        load_state(opt.model, ckpt["model"], files.checkpoint("last"))
         opt.optimizer.load_state_dict(ckpt["optimizer"])
         opt.scaler.load_state_dict(ckpt["scaler"])
         state = Progress(**ckpt["state"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,6 @@ import yaml
 from torch import nn
 
 from repsim.data import Data
-from repsim.files import load_torch
 from repsim.train.config import DEFAULTS, config_diff, deep_merge
 from repsim.train.runs import RunFiles
 
@@ -169,10 +169,9 @@ def memory_format(model: nn.Module, setting: bool | str) -> torch.memory_format:
     return torch.channels_last if setting else torch.contiguous_format
 
 
-def resumed_threads(files: RunFiles, resume: bool) -> int | None:
-    """The intra-op threads a run being resumed started with (None for a new run, or when the environment pins
-    them): the same count keeps its numbers bit-identical."""
-    last = files.checkpoint("last")
-    if not resume or not last.exists() or os.environ.get("REPSIM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+def resumed_threads(ckpt: Mapping[str, Any] | None) -> int | None:
+    """The intra-op threads of the run whose last checkpoint ``ckpt`` is being resumed (None for a new run, or when
+    the environment pins them): the same count keeps its numbers bit-identical."""
+    if ckpt is None or os.environ.get("REPSIM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         return None
-    return load_torch(last)["state"].get("threads")
+    return ckpt["state"].get("threads")
