@@ -118,7 +118,8 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
     lr_peak = base_lr(cfg)
     warmup = tr["warmup_epochs"] * steps_per_epoch
     optimizer = torch.optim.AdamW(param_groups(method.student, tr["weight_decay"]), lr=lr_peak)
-    state: dict[str, Any] = {"epoch": 0, "iteration": 0, "bad_epochs": 0, "train_seconds": 0.0}
+    state: dict[str, Any] = {"epoch": 0, "iteration": 0, "bad_epochs": 0, "train_seconds": 0.0, "data_seconds": 0.0,
+                             "eval_seconds": 0.0}
     if resume and files.checkpoint("last").exists():
         ckpt = load_torch(files.checkpoint("last"), map_location=device)
         method.load_state_dict(ckpt["method"])
@@ -140,7 +141,7 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
         sums: dict[str, float] = {}
         waited = time.perf_counter()
         for batch, _ in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress):
-            state["data_seconds"] = state.get("data_seconds", 0.0) + time.perf_counter() - waited
+            state["data_seconds"] += time.perf_counter() - waited
             it = state["iteration"]
             lr = lr_peak * (it + 1) / warmup if it < warmup else \
                 cosine_schedule(it - warmup, max(1, total - warmup), lr_peak, tr["min_lr"])
@@ -162,7 +163,7 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
         evaluated = time.perf_counter()
         rank = spectrum(pooled_features(method.result, data.datasets["val"], batch_size=tr["eval_batch_size"],
                                         device=device).numpy())
-        state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - evaluated
+        state["eval_seconds"] += time.perf_counter() - evaluated
         last = {"epoch": epoch, "iteration": state["iteration"], "lr": lr, "weight_decay": wd,
                 **{k: v / steps_per_epoch for k, v in sums.items()}, "chance_loss": method.chance_loss,
                 "val_effective_rank": rank["effective_rank"], "val_top1_share": rank["top1_share"],
@@ -190,7 +191,7 @@ def pretrain(cfg: Mapping[str, Any], run_dir: str | Path, *, data_root: str | Pa
                "final_loss": final["loss"], "teacher_entropy": final.get("teacher_entropy"),
                "chance_loss": final["chance_loss"],
                "val_effective_rank": final["val_effective_rank"], "train_seconds": state["train_seconds"],
-               "data_seconds": state.get("data_seconds", 0.0), "eval_seconds": state.get("eval_seconds", 0.0),
+               "data_seconds": state["data_seconds"], "eval_seconds": state["eval_seconds"],
                "batch_size": bs,
                "device": str(device)}
     write_text(files.summary, json.dumps(summary, indent=2))
