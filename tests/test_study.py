@@ -370,3 +370,37 @@ def test_ssl_starts_pretrain_on_each_target_and_a_collapsed_start_is_a_finding(t
     assert "collapsed at epoch 0" in summary["ssl"]["ssl"]["breastmnist"]["collapsed"]
     assert set(summary["skipped"]) == {"finetune/ssl/breastmnist/frozen-linear", "knn/ssl/breastmnist"}
     assert "ssl" not in summary["finetune"] and "scratch" in summary["finetune"]
+
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_collapsed_start_in_a_full_study_leaves_every_later_stage_standing(tiny_root: Path, tmp_path: Path) -> None:
+    """The natural preset's case: DINO collapses while a second SSL start (SimCLR), scratch, fine-tuning, the
+    decapitation curve, CKA (Fig 7 and its references) and a declared primary that names the collapsed start all go
+    on. The study finishes, lists what it skipped and why, and draws its figures from what ran."""
+    ssl = {"method": "dino", "train": {"epochs": 1, "batch_size": 16, "num_workers": 0}, "views": {"local_crops": 0},
+           "collapse": {"max_entropy": 1.0e-6, "min_rank": 0.0, "patience": 1}}  # DINO's signal only: SimCLR lives
+    s = replace(PRESETS["tiny"], starts=(Start("ssl", "ssl"), Start("ssl-simclr", "ssl", method="simclr"),
+                                         Start("scratch", "scratch")),
+                targets=("breastmnist",), scenarios=("frozen-linear", "frozen-stacked", "unfrozen-linear"),
+                ssl=ssl, freeze_blocks=[], decapitate=[1], decapitation_starts=("ssl", "ssl-simclr"), cka_seeds=2,
+                curve_seeds=1, reference_pairs=1, primaries=(("ssl", "scratch", "unfrozen-linear"),),
+                train={**PRESETS["tiny"].train, "seeds": 2, "lr_grid": None, "lr": 1e-3})
+    out = tmp_path / "study"
+    summary = Study(s, out, data_root=tiny_root).run()
+    assert "collapsed at epoch 0" in summary["ssl"]["ssl"]["breastmnist"]["collapsed"]
+    assert summary["ssl"]["ssl-simclr"]["breastmnist"]["epochs_run"] == 1
+    skipped = set(summary["skipped"])
+    assert {f"finetune/ssl/breastmnist/{sc}" for sc in s.scenarios} | {"knn/ssl/breastmnist"} <= skipped
+    assert any(k.startswith("decapitation/ssl/") for k in skipped)
+    assert not any("simclr" in k or "scratch" in k for k in skipped)
+    assert set(summary["finetune"]) == {"ssl-simclr", "scratch"}
+    assert {c["start"] for c in summary["fig7_curves"]["breastmnist"]} >= {"ssl-simclr", "scratch"}
+    assert summary["primaries_not_estimated"] == [{"a": "ssl", "b": "scratch", "target": "breastmnist",
+                                                    "scenario": "unfrozen-linear", "missing": ["ssl"]}]
+    assert {(r["family"], r["a"], r["b"]) for r in summary["paired"]} == {("secondary", "ssl-simclr", "scratch")}
+    tables = (out / "tables.md").read_text()
+    assert "- breastmnist / unfrozen-linear: ssl − scratch: no results of ssl" in tables
+    assert "Experiments skipped (their start collapsed)" in tables and "| ssl-simclr − scratch |" in tables
+    assert {"fig_transfer", "fig_forest", "fig5_decapitation", "fig7_diagonal"} <= set(summary["figures"])
+    assert all((out / name).is_file() for name in summary["figures"].values())

@@ -28,7 +28,7 @@ from repsim.study.results import (
     same_block,
 )
 from repsim.study.settings import Settings
-from repsim.study.stats import comparisons, load_runs, mean_interval, metric_label, run_flags, spread
+from repsim.study.stats import comparisons, load_runs, mean_interval, metric_label, run_flags, spread, unestimated
 from repsim.study.tables import Findings
 
 FIG_DPI = 110  # small multi-panel PNGs
@@ -61,7 +61,7 @@ def findings(s: Settings, out: Path, res: Results, facts: Mapping[str, Any]) -> 
                 f.classes.setdefault(t, int(next(iter(runs(*key).values()))[0].shape[1]))
                 f.flags[key] = run_flags(folder(*key), r["lr"])
                 f.improving[key] = (len(runs(*key)), sum(x["still_improving"] for x in f.flags[key]))
-    f.paired = comparisons(s, ft, runs)
+    f.paired, f.unestimated = comparisons(s, ft, runs), unestimated(s, ft)
     for st in s.budget_starts if s.budget_points else ():
         for t in s.targets:
             r = ft.get(st, {}).get(t, {}).get(s.budget_scenario)
@@ -83,8 +83,8 @@ def tables(s: Settings, res: Results, f: Findings, cka: Mapping[str, Matrices]) 
              "Starts: " + "; ".join(f"**{st.name}** ({st.kind}{': ' + st.source if st.source else ''})"
                                     for st in s.starts), "", *sections.tokens(f.facts)]
     parts += sections.headline(ft, f, [st.name for st in s.starts])
-    parts += ["", *sections.paired(f.paired, s.stat_boot), "", *sections.lr_search(ft), "", *sections.improving(f),
-              "", *sections.budget(f)]
+    parts += ["", *sections.paired(f.paired, s.stat_boot, f.unestimated), "", *sections.lr_search(ft), "",
+              *sections.improving(f), "", *sections.budget(f)]
     parts += ["", f"## k-NN on frozen features (Fig 2; k={s.knn['k']}, T={s.knn['temperature']}, test split)", "",
               "| Target | Features | metric | value |", "|---|---|---|---|"]
     rows = [(t, name, r) for name, by_t in res.knn.items() for t, r in by_t.items()]

@@ -116,12 +116,25 @@ def families(s: Settings, finetune: Mapping[str, Mapping[str, Mapping[str, Any]]
 
     rows = [("primary", a, b, t, sc) for a, b, sc in s.primaries for t in s.targets if ran(a, t, sc) and ran(b, t, sc)]
     declared = {(frozenset((a, b)), sc) for a, b, sc in s.primaries}
-    first = s.starts[0].name
-    for other in (st.name for st in s.starts[1:]):
+    names = [st.name for st in s.starts if st.name in finetune]  # a start that never ran (collapsed) is no reference
+    first = names[0] if names else ""
+    for other in names[1:]:
         for t, by_sc in finetune.get(first, {}).items():
             rows += [("secondary", first, other, t, sc) for sc in by_sc
                      if ran(other, t, sc) and (frozenset((first, other)), sc) not in declared]
     return rows
+
+
+def unestimated(s: Settings, finetune: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """The declared primaries ``families`` could not make: on a target where a start has no results in the scenario
+    (its self-supervised pretraining collapsed, say), named with the starts that are missing."""
+    out = []
+    for a, b, sc in s.primaries:
+        for t in s.targets:
+            missing = [st for st in (a, b) if sc not in finetune.get(st, {}).get(t, {})]
+            if missing:
+                out.append({"a": a, "b": b, "target": t, "scenario": sc, "missing": missing})
+    return out
 
 
 def comparisons(s: Settings, finetune: Mapping[str, Mapping[str, Mapping[str, Any]]], runs: Loader

@@ -29,6 +29,7 @@ class Findings:
 
     means: dict[Key, dict[str, Any]] = field(default_factory=dict)
     paired: list[dict[str, Any]] = field(default_factory=list)
+    unestimated: list[dict[str, Any]] = field(default_factory=list)
     flags: dict[Key, list[dict[str, Any]]] = field(default_factory=dict)
     improving: dict[Key, tuple[int, int]] = field(default_factory=dict)
     budget: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
@@ -45,6 +46,7 @@ class Findings:
     def as_json(self) -> dict[str, Any]:
         """The findings as ``study.json`` holds them (experiments named ``start/target/scenario``)."""
         return {"intervals": {"/".join(k): v for k, v in self.means.items()}, "paired": self.paired,
+                "primaries_not_estimated": self.unestimated,
                 "flags": {"/".join(k): v for k, v in self.flags.items() if v},
                 "still_improving": {**self.improving_share(), "per_experiment": {
                     "/".join(k): {"runs": n, "still_improving": m} for k, (n, m) in self.improving.items()}},
@@ -77,9 +79,11 @@ def headline(ft: Mapping[str, Mapping[str, Mapping[str, Any]]], f: Findings, ord
     return parts
 
 
-def paired(rows: Sequence[Mapping[str, Any]], n_boot: int) -> list[str]:
-    """The paired differences a − b, primary then secondary family."""
-    if not rows:
+def paired(rows: Sequence[Mapping[str, Any]], n_boot: int, unestimated: Sequence[Mapping[str, Any]] = ()
+           ) -> list[str]:
+    """The paired differences a − b, primary then secondary family, and the declared primaries that could not be
+    estimated (a start without results there)."""
+    if not rows and not unestimated:
         return []
     parts = ["## Paired differences between starts (a − b, paired by seed and test image)", "",
              f"Hierarchical paired bootstrap ({n_boot} replicates; seeds and test images resampled, the same for both "
@@ -96,6 +100,11 @@ def paired(rows: Sequence[Mapping[str, Any]], n_boot: int) -> list[str]:
                   f"{r['mean']:+.3f} {_ci(r['lower'], r['upper'])}{_undefined(r)} | "
                   f"{', '.join(f'{d:+.3f}' for d in r['differences'])} | {r['n_seeds']} x {r['n_images']} | "
                   f"{r['p']:.4f} | {r['p_holm']:.4f} | {r['verdict']} |" for r in mine]
+    if unestimated:
+        parts += ["", "Declared primaries not estimated (outside the Holm family: no result to compare):", ""]
+        parts += [f"- {u['target']} / {u['scenario']}: {u['a']} − {u['b']}: no results of "
+                  f"{' and '.join(u['missing'])} (see the self-supervised starts and the experiments skipped)"
+                  for u in unestimated]
     return parts
 
 
