@@ -46,8 +46,9 @@ def _figure(ax: Axes) -> Figure:
     return fig
 
 
-def _wrap(text: str, fig: Figure, fraction: float = 1.0, fontsize: float = 9) -> str:
-    """``text`` wrapped to the width of ``fraction`` of ``fig`` (about 0.6 em per character), line by line."""
+def wrap_to_figure(text: str, fig: Figure, fraction: float = 1.0, fontsize: float = 9) -> str:
+    """``text`` wrapped to the width of ``fraction`` of ``fig`` (about 0.6 em per character), line by line: the one
+    rule for every title and caption repsim draws."""
     chars = max(12, int(fig.get_figwidth() * fraction * 72 / (0.6 * fontsize)))
     return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in text.split("\n"))
 
@@ -221,13 +222,13 @@ def heatmap(
     if title is not None:
         ax.set_title(title, fontsize=10)
     elif own:
-        ax.set_title(_wrap(default_title(da, labels), fig, share, 10), fontsize=10)
+        ax.set_title(wrap_to_figure(default_title(da, labels), fig, share, 10), fontsize=10)
     else:  # a panel of a grid: the short title and what the cells hold
         text = "\n".join(x for x in (default_title(da, labels), f"({CELLS[annotate]})" if CELLS[annotate] else "")
                          if x)
-        ax.set_title(_wrap(text, fig, share, 9), fontsize=9)
+        ax.set_title(wrap_to_figure(text, fig, share, 9), fontsize=9)
     if own:
-        fig.supxlabel(_wrap(caption(da, annotate), fig, 1.0, 7), fontsize=7, color="0.3")
+        fig.supxlabel(wrap_to_figure(caption(da, annotate), fig, 1.0, 7), fontsize=7, color="0.3")
     return fig
 
 
@@ -262,10 +263,10 @@ def heatmap_grid(
         ax.set_axis_off()
     fig.colorbar(axes.flat[0].collections[0], ax=list(axes.flat), label="CKA", shrink=0.8)
     if title:
-        fig.suptitle(_wrap(title, fig, 1.0, 10), fontsize=10)
+        fig.suptitle(wrap_to_figure(title, fig, 1.0, 10), fontsize=10)
     first, _ = _split(matrices[0])
     shown = ("cka" if max(first.shape) <= 12 else "none") if annotate == "auto" else annotate
-    fig.supxlabel(_wrap(caption(first, shown), fig, 1.0, 7), fontsize=7, color="0.3")
+    fig.supxlabel(wrap_to_figure(caption(first, shown), fig, 1.0, 7), fontsize=7, color="0.3")
     return fig
 
 
@@ -320,5 +321,5 @@ def diagonal(
     ax.legend(fontsize=7)
     fig = _figure(ax)
     if title:
-        ax.set_title(_wrap(title, fig, ax.get_position().width, 9), fontsize=9)
+        ax.set_title(wrap_to_figure(title, fig, ax.get_position().width, 9), fontsize=9)
     return fig

@@ -54,6 +54,10 @@ def study_dir(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_every_stage_writes_its_results(study_dir: Path) -> None:
     summary = json.loads((study_dir / "study.json").read_text())
     assert set(summary["timings_s"]) == {"train", "cka"}  # written during the outputs stage
+    (entry,) = summary["wall"]["invocations"]  # the wall time of every invocation, in wall.json too
+    assert entry["stages"]["train"] > 0 and entry["jobs"] >= 1 and set(entry["stages"]) == {"train", "cka", "outputs"}
+    assert json.loads((study_dir / "wall.json").read_text())[0]["started"] == entry["started"]
+    assert "## Wall time" in (study_dir / "tables.md").read_text()
     scenarios = ["frozen-linear", "frozen-stacked", "unfrozen-linear", "unfrozen-stacked"]
     for start in ("in-domain", "scratch"):
         ft = summary["finetune"][start]["breastmnist"]
@@ -257,6 +261,10 @@ def test_rerun_reuses_everything_and_other_settings_are_refused(study_dir: Path,
     summary = Study(settings, study_dir, data_root=tiny_root, threads=1).run()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert summary["timings_s"]["train"] < 20
+    first, again = summary["wall"]["invocations"]  # a resumed study adds its invocation to the wall time
+    assert summary["wall"]["total_s"] == pytest.approx(first["seconds"] + again["seconds"], abs=0.11)
+    assert summary["wall"]["by_stage_s"]["train"] == pytest.approx(first["stages"]["train"] + again["stages"]["train"],
+                                                                   abs=0.11)
     with pytest.raises(ValueError, match="other settings.*train"):
         Study(settings_with(settings, ["train.epochs=2"]), study_dir, data_root=tiny_root).run()
 

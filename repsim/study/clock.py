@@ -4,11 +4,15 @@ seconds, optimiser steps, img/s, and the shares of data loading, forward/backwar
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from repsim.files import write_text
 from repsim.train.runs import RunFiles, find_runs
 
 
@@ -59,3 +63,42 @@ def stage_clock(folders: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, fl
                       "step_share": round((train - data) / total, 3) if total else math.nan,
                       "eval_share": round(evaluation / total, 3) if total else math.nan}
     return out
+
+
+class WallLog:
+    """The wall time of every invocation of a study, in ``out/wall.json``: a study resumed over several sessions (or
+    killed) still reports its whole wall time. The current invocation's entry is rewritten atomically at each
+    ``tick`` (the scheduler ticks after every finished run), so an invocation that is killed keeps its time up to
+    its last finished run."""
+
+    def __init__(self, path: Path, **about: Any) -> None:
+        self.path = path
+        self.entries: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
+        self.entries.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **about,
+                             "seconds": 0.0, "stages": {}})
+        self._t0 = self._stage_t0 = time.perf_counter()
+        self.stage = ""
+
+    def begin(self, stage: str) -> None:
+        """A new stage starts now."""
+        self.stage, self._stage_t0 = stage, time.perf_counter()
+        self.tick()
+
+    def tick(self) -> float:
+        """Record the time so far (of the invocation and of its current stage); return the current stage's."""
+        now = time.perf_counter()
+        entry, stage_s = self.entries[-1], round(now - self._stage_t0, 1)
+        entry["seconds"] = round(now - self._t0, 1)
+        if self.stage:
+            entry["stages"][self.stage] = stage_s
+        write_text(self.path, json.dumps(self.entries, indent=1))
+        return stage_s
+
+    def summary(self) -> dict[str, Any]:
+        """Every invocation, the total wall seconds and the seconds per stage summed over invocations."""
+        stages: dict[str, float] = {}
+        for e in self.entries:
+            for k, v in e["stages"].items():
+                stages[k] = round(stages.get(k, 0.0) + v, 1)
+        return {"invocations": json.loads(json.dumps(self.entries)), "total_s": round(sum(e["seconds"] for e in self.entries), 1),
+                "by_stage_s": stages}

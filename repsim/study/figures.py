@@ -16,6 +16,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from repsim.plot import wrap_to_figure
 from repsim.study.results import CKA_FEATURE, Matrices, diagonal_groups
 from repsim.study.settings import Settings, Start
 from repsim.study.stats import chance_level, metric_label
@@ -26,7 +27,7 @@ VERDICT_COLOURS = {"helps": "tab:green", "hurts": "tab:red", "no evidence": "gre
 
 def _axes(n: int, title: str, width: float = 4.2, height: float = 3.2) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width * n, height), layout="constrained")
-    fig.suptitle(textwrap.fill(title, int(width * n * 11)), fontsize=10)  # ~11 characters of 10 pt per inch
+    fig.suptitle(wrap_to_figure(title, fig, fontsize=10), fontsize=10)
     return fig, fig.subplots(1, n, squeeze=False)[0]
 
 
@@ -263,9 +264,9 @@ def fig7_diagonal(cka: Mapping[str, Matrices]) -> Figure | None:
                                          ("adabn", "no AdaBN curve (the backbone has no BatchNorm)"))
                if figure not in shown]
     fig = Figure(figsize=(4.4 * len(starts), 3.4 * len(by_target)), layout="constrained")
-    fig.suptitle(textwrap.fill(
+    fig.suptitle(wrap_to_figure(
         f"Fig 7: same-block CKA on {CKA_FEATURE} (test split), before vs after fine-tuning (unfrozen-linear) with "
-        "its references; lines: mean, bands as labelled" + "".join(f"; {m}" for m in missing), 48 * len(starts)),
+        "its references; lines: mean, bands as labelled" + "".join(f"; {m}" for m in missing), fig, fontsize=10),
         fontsize=10)
     for row, (t, curves) in zip(fig.subplots(len(by_target), len(starts), squeeze=False), by_target.items()):
         for ax, start in zip(row, starts):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -124,9 +124,11 @@ def tables(s: Settings, res: Results, f: Findings, cka: Mapping[str, Matrices]) 
 
 
 def write_outputs(s: Settings, out: Path, depth: int, timings: Mapping[str, float], res: Results,
-                  cka: Mapping[str, Matrices], facts: Mapping[str, Any]) -> dict[str, Any]:
+                  cka: Mapping[str, Matrices], facts: Mapping[str, Any],
+                  wall: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write ``tables.md``, the figures and ``study.json`` into ``out``; return the summary. ``facts``: what the
-    pipeline measured of the models (``Findings.facts``)."""
+    pipeline measured of the models (``Findings.facts``); ``wall``: the wall time of every invocation so far
+    (``clock.WallLog.summary``)."""
     f = findings(s, out, res, {**facts, "depth": depth})
     order = [st.name for st in s.starts]
     scratch = next((st.name for st in s.starts if st.kind == "scratch"), None)  # the curves' reference runs
@@ -147,6 +149,7 @@ def write_outputs(s: Settings, out: Path, depth: int, timings: Mapping[str, floa
         "fig6_sizes": figures.sizes(res.sizes, res.finetune, s, f.facts.get("params", {}), f.classes),
     }
     names = {k: save_png(fig, out / f"{k}.png", dpi=FIG_DPI).name for k, fig in made.items() if fig is not None}
+    f.wall = wall() if wall else {}
     write_text(out / "tables.md", tables(s, res, f, cka))
     summary = {
         "settings": asdict(s), "label": f"{s.model} from {', '.join(st.name for st in s.starts)}",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from repsim.files import write_text
+from repsim.study.clock import WallLog
 from repsim.study.outputs import write_outputs
 from repsim.study.plan import curve_ends, plan, resolved_config
 from repsim.study.results import Comparison, Results, organise
@@ -58,6 +58,7 @@ class Study:
     def run(self) -> dict[str, Any]:
         """Run (or resume) every stage; write figures, ``tables.md`` and ``study.json``; return the summary."""
         self._check_settings_file()
+        self.wall = WallLog(self.out / "wall.json", jobs=self.jobs, threads=self.threads)
         saved_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         pool = Workers(self.jobs, self.threads)
@@ -66,19 +67,19 @@ class Study:
             pool.close()
             self.cka_results = self._timed("cka", study_cka, self.ws, results.finetune)
             return self._timed("outputs", write_outputs, self.settings, self.out, self.depth, self.timings, results,
-                               self.cka_results, self.ws.model_facts())
+                               self.cka_results, self.ws.model_facts(), self.wall.summary)
         finally:
             pool.close()
             torch.set_num_threads(saved_threads)
 
     def _train(self, pool: Workers) -> Results:
         """Every trainer experiment, run by the scheduler, organised by start, target and scenario."""
-        raw = Scheduler(pool, self.data_root).run(plan(self.ws), "study runs")
+        raw = Scheduler(pool, self.data_root).run(plan(self.ws), "study runs", on_run=self.wall.tick)
         experiments = [(st.name, t, sc) for st, t, sc in self.settings.experiments()]
         return organise(raw, experiments, curve_ends(self.ws), self.settings.curve_seeds)
 
     def _timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
-        t0 = time.perf_counter()
+        self.wall.begin(stage)
         value = fn(*args)
-        self.timings[stage] = round(time.perf_counter() - t0, 1)
+        self.timings[stage] = self.wall.tick()
         return value

@@ -209,8 +209,10 @@ class Scheduler:
             cfg["train"].update(lr=exp.lr, lr_grid=None)
         return run_experiment(cfg, exp.folder, data_root=self.data_root, resume=True, progress=False)
 
-    def run(self, experiments: Sequence[Experiment], desc: str = "runs") -> dict[Any, dict[str, Any]]:
-        """Run every experiment (each after its dependencies); errors in a run stop the study."""
+    def run(self, experiments: Sequence[Experiment], desc: str = "runs",
+            on_run: Callable[[], Any] | None = None) -> dict[Any, dict[str, Any]]:
+        """Run every experiment (each after its dependencies); errors in a run stop the study. ``on_run`` is called
+        after every finished run (the study's wall-time log)."""
         keys = {e.key for e in experiments}
         unknown = sorted({str(d) for e in experiments for d in (*e.after, *([e.lr_from] if e.lr_from else []))
                           if d not in keys})
@@ -241,6 +243,8 @@ class Scheduler:
                     exp.pending.discard(fut)
                     summary = fut.result()  # re-raises a worker's error
                     bar.update()
+                    if on_run is not None:
+                        on_run()
                     bar.set_postfix_str(str(exp.key), refresh=False)
                     if search_lr is not None:
                         exp.search[f"{search_lr:g}"] = summary["val"][summary["metric"]]

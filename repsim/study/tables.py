@@ -34,6 +34,7 @@ class Findings:
     improving: dict[Key, tuple[int, int]] = field(default_factory=dict)
     budget: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     clock: dict[str, dict[str, float]] = field(default_factory=dict)
+    wall: dict[str, Any] = field(default_factory=dict)
     classes: dict[str, int] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
 
@@ -50,7 +51,8 @@ class Findings:
                 "flags": {"/".join(k): v for k, v in self.flags.items() if v},
                 "still_improving": {**self.improving_share(), "per_experiment": {
                     "/".join(k): {"runs": n, "still_improving": m} for k, (n, m) in self.improving.items()}},
-                "budget_curve": self.budget, "clock": self.clock, "classes": self.classes, "models": self.facts}
+                "budget_curve": self.budget, "clock": self.clock, "wall": self.wall, "classes": self.classes,
+                "models": self.facts}
 
 
 def _ci(lower: float, upper: float) -> str:
@@ -152,10 +154,19 @@ def budget(f: Findings) -> list[str]:
 
 
 def clock(f: Findings) -> list[str]:
-    """Where the study's time went, per stage (finished runs under each stage's folders)."""
+    """Where the study's time went: the wall time over every invocation, and per stage (finished runs under each
+    stage's folders) the run seconds and their shares."""
+    parts = []
+    if f.wall:
+        runs = f.wall["invocations"]
+        stages = ", ".join(f"{k} {v / 3600:.2f} h" for k, v in f.wall["by_stage_s"].items())
+        parts += ["## Wall time", "", f"{f.wall['total_s'] / 3600:.2f} h over {len(runs)} invocation(s) of "
+                  f"`repsim study` ({stages}; an invocation that was stopped counts up to its last finished run). "
+                  "Invocations: " + "; ".join(f"{e['started']} {e['seconds'] / 3600:.2f} h ({e.get('jobs')} jobs x "
+                                              f"{e.get('threads')} threads)" for e in runs) + ".", ""]
     if not f.clock:
-        return []
-    parts = ["## Clock per stage (training-loop and evaluation seconds summed over finished runs)", "",
+        return parts
+    parts += ["## Clock per stage (training-loop and evaluation seconds summed over finished runs)", "",
              "| Stage | runs | run seconds | optimiser steps | img/s | data share | step share | eval share |",
              "|---|---|---|---|---|---|---|---|"]
     parts += [f"| {stage} | {c['runs']} | {c['run_seconds']:.1f} | {c['steps']} | {c['img_per_s']} | "
