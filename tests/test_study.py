@@ -305,6 +305,37 @@ def test_scheduler_refuses_unknown_and_circular_dependencies(tmp_path: Path) -> 
                        Experiment("b", cfg, tmp_path / "b", lr_from="a")])
 
 
+def _logged_run(cfg: dict, run: str, data_root: str | None) -> dict:
+    """A stand-in trainer run (picklable, for worker processes): logs its folder; validation value = its LR."""
+    with open(Path(run).parents[2] / "order.log", "a") as log:
+        log.write(str(Path(*Path(run).parts[-3:])) + "\n")
+    return {"val": {"auc": cfg["train"]["lr"]}, "metric": "auc"}
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_scheduler_finishes_experiments_one_after_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          jobs: int) -> None:
+    """Depth first: the longest experiment's LR search, then its seeds, then the next experiment's runs, so a study
+    stopped early leaves whole experiments (the natural preset runs over several sessions); with worker processes
+    every run is made once."""
+    from repsim.study import scheduler as sch
+
+    monkeypatch.setattr(sch, "_train_run", _logged_run)
+    monkeypatch.setattr("repsim.train.runner.run_experiment", lambda cfg, folder, **kw: {"lr": cfg["train"]["lr"]})
+    train = {"lr_grid": [1e-3, 1e-2], "lr": None, "seeds": 3, "extend_lr_grid": False}
+    exps = [Experiment(n, {"train": dict(train)}, tmp_path / n, cost=c) for n, c in (("short", 1.0), ("long", 2.0))]
+    pool = Workers(jobs, 1)
+    try:
+        results = Scheduler(pool, None).run(exps)
+    finally:
+        pool.close()
+    assert set(results) == {"long", "short"}
+    order = (tmp_path / "order.log").read_text().split()
+    runs = [f"{n}/lr{lr}/seed{s}" for n in ("long", "short") for lr, s in (("0.001", 0), ("0.01", 0), ("0.01", 1),
+                                                                            ("0.01", 2))]
+    assert order == runs if jobs == 1 else sorted(order) == sorted(runs)  # processes: the order is the workers'
+
+
 def test_settings_overrides_and_inconsistent_settings_are_named() -> None:
     s = settings_with(PRESETS["tiny"], ["train.epochs=3", "targets=[breastmnist]", "n_boot=50"])
     assert s.train["epochs"] == 3 and s.train["seeds"] == 2 and s.targets == ("breastmnist",) and s.n_boot == 50

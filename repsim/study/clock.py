@@ -100,5 +100,5 @@ class WallLog:
         for e in self.entries:
             for k, v in e["stages"].items():
                 stages[k] = round(stages.get(k, 0.0) + v, 1)
-        return {"invocations": json.loads(json.dumps(self.entries)), "total_s": round(sum(e["seconds"] for e in self.entries), 1),
-                "by_stage_s": stages}
+        return {"invocations": json.loads(json.dumps(self.entries)),
+                "total_s": round(sum(e["seconds"] for e in self.entries), 1), "by_stage_s": stages}

@@ -2,13 +2,18 @@
 
 An experiment is an LR search on seed 0 (one run per LR), then its other seeds at the chosen LR. Every run is its
 own task, so two workers stay busy until the last run: a run waits only for what it needs (an in-domain start's
-pretraining, the LR chosen by another experiment for a curve point) and long runs are submitted first. Finished
-runs are reused (``repsim.train.runner.train_or_reuse``), so a killed study resumes where it stopped.
+pretraining, the LR chosen by another experiment for a curve point). Runs are handed to the workers one at a time,
+depth first: the runs of the experiment submitted first (the longest) go before those of later ones, so
+experiments finish one after another and a study stopped after some hours leaves whole experiments, not a spread of
+LR searches. Finished runs are reused (``repsim.train.runner.train_or_reuse``), so a killed study resumes where it
+stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import heapq
+import itertools
 import json
 import os
 import signal
@@ -38,7 +43,7 @@ class Experiment:
     run that collapses is a result, ``{"collapsed": reason}``, and the experiments after it are skipped with that
     reason).
     ``after``: keys of experiments that must finish first; ``lr_from``: the key whose chosen LR this experiment
-    trains at (instead of its own grid). ``cost`` orders submission (larger first).
+    trains at (instead of its own grid). ``cost`` orders submission (larger first) and so each run's priority.
     """
 
     key: Hashable
@@ -53,6 +58,8 @@ class Experiment:
     search: dict[str, float] = field(default_factory=dict)
     extended: list[float] = field(default_factory=list)
     pending: set[Future] = field(default_factory=set)
+    queued: int = 0  # runs waiting in the scheduler's queue, not yet handed to a worker
+    rank: int = 0  # the experiment's place in submission order: its runs' priority
 
     @property
     def grid(self) -> list[float]:
@@ -123,6 +130,7 @@ class Workers:
     def __init__(self, jobs: int, threads: int) -> None:
         if jobs < 1 or threads < 1:
             raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
+        self.jobs = jobs
         self.executor = None if jobs == 1 else ProcessPoolExecutor(
             jobs, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
         self.previous: Any = None
@@ -165,6 +173,23 @@ class Scheduler:
     def __init__(self, pool: Workers, data_root: str | None) -> None:
         self.pool, self.data_root = pool, data_root
         self.owner: dict[Future, tuple[Experiment, float | None]] = {}
+        self.queue: list[tuple[int, int, Experiment, float | None, Callable[..., Any], tuple[Any, ...]]] = []
+        self.order = itertools.count()
+
+    def _submit(self, exp: Experiment, tag: float | None, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue one run of ``exp`` (``tag``: its LR when it reports to the LR search) and hand out what fits."""
+        heapq.heappush(self.queue, (exp.rank, next(self.order), exp, tag, fn, args))
+        exp.queued += 1
+        self._fill()
+
+    def _fill(self) -> None:
+        """Hand queued runs to free workers, the earliest-submitted experiment's first."""
+        while self.queue and len(self.owner) < self.pool.jobs:
+            _, _, exp, tag, fn, args = heapq.heappop(self.queue)
+            exp.queued -= 1
+            fut = self.pool.submit(fn, *args)
+            exp.pending.add(fut)
+            self.owner[fut] = (exp, tag)
 
     def _submit_runs(self, exp: Experiment, lrs: Sequence[float], seeds: Sequence[int], search: bool = False
                      ) -> None:
@@ -176,16 +201,13 @@ class Scheduler:
             for seed in seeds:
                 cfg = copy.deepcopy(exp.cfg)
                 cfg["train"].update(lr=float(lr), seed=seed)
-                fut = self.pool.submit(_train_run, cfg, str(run_dir(exp.folder, lr, seed)), self.data_root)
-                exp.pending.add(fut)
-                self.owner[fut] = (exp, lr if len(lrs) > 1 or search else None)
+                self._submit(exp, lr if len(lrs) > 1 or search else None, _train_run, cfg,
+                             str(run_dir(exp.folder, lr, seed)), self.data_root)
 
     def _start(self, exp: Experiment, done: Mapping[Hashable, Experiment]) -> None:
         if exp.kind in ("knn", "pretrain"):
-            fut = self.pool.submit(_knn_run if exp.kind == "knn" else _pretrain_run, exp.cfg, str(exp.folder),
-                                   self.data_root)
-            exp.pending.add(fut)
-            self.owner[fut] = (exp, None)
+            self._submit(exp, None, _knn_run if exp.kind == "knn" else _pretrain_run, exp.cfg, str(exp.folder),
+                         self.data_root)
         elif exp.lr_from is not None:
             lr = done[exp.lr_from].lr
             if lr is None:
@@ -219,10 +241,12 @@ class Scheduler:
         if unknown:
             raise ValueError(f"experiments depend on unknown experiments {unknown}")
         waiting = sorted(experiments, key=lambda e: -e.cost)
+        for rank, exp in enumerate(waiting):
+            exp.rank = rank
         done: dict[Hashable, Experiment] = {}
         results: dict[Any, dict[str, Any]] = {}
         with tqdm(total=sum(e.runs() for e in experiments), desc=desc, unit="run") as bar:
-            while waiting or self.owner:
+            while waiting or self.owner or self.queue:
                 ready = [e for e in waiting if all(d in done for d in (*e.after, *([e.lr_from] if e.lr_from else [])))]
                 for exp in ready:
                     waiting.remove(exp)
@@ -233,6 +257,7 @@ class Scheduler:
                         bar.update(exp.runs())
                         continue
                     self._start(exp, done)
+                self._fill()
                 if not self.owner:
                     if waiting:  # nothing runs and nothing can start: a dependency cycle
                         raise ValueError(f"experiments wait on each other: {[str(e.key) for e in waiting]}")
@@ -248,7 +273,7 @@ class Scheduler:
                     bar.set_postfix_str(str(exp.key), refresh=False)
                     if search_lr is not None:
                         exp.search[f"{search_lr:g}"] = summary["val"][summary["metric"]]
-                    if exp.pending:
+                    if exp.pending or exp.queued:
                         continue
                     if exp.kind == "train" and exp.lr is None:  # the search is complete: seeds at the chosen LR
                         lr = choose_lr({f"{lr:g}": exp.search[f"{lr:g}"] for lr in exp.grid})
@@ -260,7 +285,7 @@ class Scheduler:
                             continue
                         exp.lr = lr
                         self._submit_runs(exp, [exp.lr], range(1, int(exp.cfg["train"]["seeds"])))
-                        if exp.pending:
+                        if exp.pending or exp.queued:
                             continue
                     results[exp.key] = self._finish(exp)
                     done[exp.key] = exp
