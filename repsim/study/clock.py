@@ -68,8 +68,8 @@ def stage_clock(folders: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, fl
 class WallLog:
     """The wall time of every invocation of a study, in ``out/wall.json``: a study resumed over several sessions (or
     killed) still reports its whole wall time. The current invocation's entry is rewritten atomically at each
-    ``tick`` (the scheduler ticks after every finished run), so an invocation that is killed keeps its time up to
-    its last finished run."""
+    ``tick`` (the scheduler ticks after every finished run and at least once a minute), so an invocation that is
+    killed keeps its time up to its last tick."""
 
     def __init__(self, path: Path, **about: Any) -> None:
         self.path = path

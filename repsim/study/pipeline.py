@@ -74,7 +74,7 @@ class Study:
 
     def _train(self, pool: Workers) -> Results:
         """Every trainer experiment, run by the scheduler, organised by start, target and scenario."""
-        raw = Scheduler(pool, self.data_root).run(plan(self.ws), "study runs", on_run=self.wall.tick)
+        raw = Scheduler(pool, self.data_root).run(plan(self.ws), "study runs", on_tick=self.wall.tick)
         experiments = [(st.name, t, sc) for st, t, sc in self.settings.experiments()]
         return organise(raw, experiments, curve_ends(self.ws), self.settings.curve_seeds)
 

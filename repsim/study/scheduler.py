@@ -32,6 +32,8 @@ from repsim.lazy import lazy_exports
 from repsim.progress import tqdm
 from repsim.train.runner import MAX_EXTENSIONS, choose_lr, grid_step_beyond
 
+TICK_S = 60.0  # the longest wait between two calls of ``Scheduler.run``'s ``on_tick``
+
 
 @dataclass
 class Experiment:
@@ -232,9 +234,9 @@ class Scheduler:
         return run_experiment(cfg, exp.folder, data_root=self.data_root, resume=True, progress=False)
 
     def run(self, experiments: Sequence[Experiment], desc: str = "runs",
-            on_run: Callable[[], Any] | None = None) -> dict[Any, dict[str, Any]]:
-        """Run every experiment (each after its dependencies); errors in a run stop the study. ``on_run`` is called
-        after every finished run (the study's wall-time log)."""
+            on_tick: Callable[[], Any] | None = None) -> dict[Any, dict[str, Any]]:
+        """Run every experiment (each after its dependencies); errors in a run stop the study. ``on_tick`` is called
+        after every finished run and at least every ``TICK_S`` seconds (the study's wall-time log)."""
         keys = {e.key for e in experiments}
         unknown = sorted({str(d) for e in experiments for d in (*e.after, *([e.lr_from] if e.lr_from else []))
                           if d not in keys})
@@ -262,14 +264,14 @@ class Scheduler:
                     if waiting:  # nothing runs and nothing can start: a dependency cycle
                         raise ValueError(f"experiments wait on each other: {[str(e.key) for e in waiting]}")
                     break
-                finished, _ = wait(list(self.owner), return_when=FIRST_COMPLETED)
+                finished, _ = wait(list(self.owner), timeout=TICK_S, return_when=FIRST_COMPLETED)
+                if on_tick is not None:
+                    on_tick()
                 for fut in finished:
                     exp, search_lr = self.owner.pop(fut)
                     exp.pending.discard(fut)
                     summary = fut.result()  # re-raises a worker's error
                     bar.update()
-                    if on_run is not None:
-                        on_run()
                     bar.set_postfix_str(str(exp.key), refresh=False)
                     if search_lr is not None:
                         exp.search[f"{search_lr:g}"] = summary["val"][summary["metric"]]

@@ -161,7 +161,8 @@ def clock(f: Findings) -> list[str]:
         runs = f.wall["invocations"]
         stages = ", ".join(f"{k} {v / 3600:.2f} h" for k, v in f.wall["by_stage_s"].items())
         parts += ["## Wall time", "", f"{f.wall['total_s'] / 3600:.2f} h over {len(runs)} invocation(s) of "
-                  f"`repsim study` ({stages}; an invocation that was stopped counts up to its last finished run). "
+                  f"`repsim study` ({stages}; a stopped invocation counts up to its last tick, at most a minute "
+                  "short). "
                   "Invocations: " + "; ".join(f"{e['started']} {e['seconds'] / 3600:.2f} h ({e.get('jobs')} jobs x "
                                               f"{e.get('threads')} threads)" for e in runs) + ".", ""]
     if not f.clock:
