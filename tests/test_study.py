@@ -315,24 +315,25 @@ def _logged_run(cfg: dict, run: str, data_root: str | None) -> dict:
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_scheduler_finishes_experiments_one_after_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           jobs: int) -> None:
-    """Depth first: the longest experiment's LR search, then its seeds, then the next experiment's runs, so a study
-    stopped early leaves whole experiments (the natural preset runs over several sessions); with worker processes
-    every run is made once."""
+    """Depth first: experiments marked first (a study's primaries), then the longest experiment's LR search, then its
+    seeds, then the next experiment's runs, so a study stopped early leaves whole experiments (the natural preset
+    runs over several sessions); with worker processes every run is made once."""
     from repsim.study import scheduler as sch
 
     monkeypatch.setattr(sch, "_train_run", _logged_run)
     monkeypatch.setattr("repsim.train.runner.run_experiment", lambda cfg, folder, **kw: {"lr": cfg["train"]["lr"]})
     train = {"lr_grid": [1e-3, 1e-2], "lr": None, "seeds": 3, "extend_lr_grid": False}
-    exps = [Experiment(n, {"train": dict(train)}, tmp_path / n, cost=c) for n, c in (("short", 1.0), ("long", 2.0))]
+    exps = [Experiment(n, {"train": dict(train)}, tmp_path / n, cost=c, first=n == "primary")
+            for n, c in (("short", 1.0), ("long", 2.0), ("primary", 0.5))]
     pool = Workers(jobs, 1)
     try:
         results = Scheduler(pool, None).run(exps)
     finally:
         pool.close()
-    assert set(results) == {"long", "short"}
+    assert set(results) == {"primary", "long", "short"}
     order = (tmp_path / "order.log").read_text().split()
-    runs = [f"{n}/lr{lr}/seed{s}" for n in ("long", "short") for lr, s in (("0.001", 0), ("0.01", 0), ("0.01", 1),
-                                                                            ("0.01", 2))]
+    each = (("0.001", 0), ("0.01", 0), ("0.01", 1), ("0.01", 2))
+    runs = [f"{n}/lr{lr}/seed{s}" for n in ("primary", "long", "short") for lr, s in each]
     assert order == runs if jobs == 1 else sorted(order) == sorted(runs)  # processes: the order is the workers'
 
 

@@ -79,7 +79,7 @@ def _ssl(ws: Workspace, start: Start, target: str) -> Experiment:
                     "pretrained": start.continued, "checkpoint": None}
     cfg.setdefault("train", {})["device"] = ws.device
     return Experiment(Place("ssl", start.name, target), resolve_config(cfg), ws.ssl_folder(start, target),
-                      kind="pretrain", cost=float("inf"))  # first: what waits for it is the longest path
+                      kind="pretrain", cost=float("inf"), first=True)  # what waits for it is the longest path
 
 
 def plan(ws: Workspace) -> list[Experiment]:
@@ -91,7 +91,7 @@ def plan(ws: Workspace) -> list[Experiment]:
         cfg = resolved_config(ws.data_block(source), model_block(ws, "unfrozen-linear", {
             "pretrained": False, "checkpoint": None}), {**s.pretrain, "device": ws.device, "seeds": 1,
                                                        "lr_grid": None})
-        exps.append(Experiment(place, cfg, ws.folder(place), cost=float("inf")))
+        exps.append(Experiment(place, cfg, ws.folder(place), cost=float("inf"), first=True))
     for st in s.starts:
         if st.kind == "ssl":
             exps += [_ssl(ws, st, t) for t in st.targets or s.targets]
@@ -101,8 +101,10 @@ def plan(ws: Workspace) -> list[Experiment]:
         return ((Place("pretrain", st.source or ""),) if st.kind == "source" else
                 (Place("ssl", st.name, target),) if st.kind == "ssl" else ())
 
-    for st, t, sc in s.experiments():
-        exps.append(_experiment(ws, Place("finetune", st.name, t, sc), ws.start_weights(st, t), after=needs(st, t)))
+    primary = {(name, t, sc) for a, b, sc in s.primaries for name in (a, b) for t in s.targets}
+    for st, t, sc in s.experiments():  # the primary comparisons' experiments (and their pretraining) run first
+        exps.append(_experiment(ws, Place("finetune", st.name, t, sc), ws.start_weights(st, t), after=needs(st, t),
+                                first=(st.name, t, sc) in primary))
     for st in s.starts:
         for t in st.targets or s.targets:
             exps.append(_knn(ws, Place("knn", st.name, t), ws.start_weights(st, t), after=needs(st, t)))

@@ -3,7 +3,8 @@
 An experiment is an LR search on seed 0 (one run per LR), then its other seeds at the chosen LR. Every run is its
 own task, so two workers stay busy until the last run: a run waits only for what it needs (an in-domain start's
 pretraining, the LR chosen by another experiment for a curve point). Runs are handed to the workers one at a time,
-depth first: the runs of the experiment submitted first (the longest) go before those of later ones, so
+depth first: the runs of the experiment submitted first (those marked ``first``, then the longest) go before
+those of later ones, so
 experiments finish one after another and a study stopped after some hours leaves whole experiments, not a spread of
 LR searches. Finished runs are reused (``repsim.train.runner.train_or_reuse``), so a killed study resumes where it
 stopped.
@@ -45,7 +46,8 @@ class Experiment:
     run that collapses is a result, ``{"collapsed": reason}``, and the experiments after it are skipped with that
     reason).
     ``after``: keys of experiments that must finish first; ``lr_from``: the key whose chosen LR this experiment
-    trains at (instead of its own grid). ``cost`` orders submission (larger first) and so each run's priority.
+    trains at (instead of its own grid). ``cost`` orders submission (larger first) and so each run's priority,
+    after ``first`` (experiments marked first go before the others: a study's declared primary comparisons).
     """
 
     key: Hashable
@@ -55,6 +57,7 @@ class Experiment:
     after: tuple[Hashable, ...] = ()
     lr_from: Hashable | None = None
     cost: float = 0.0
+    first: bool = False
     # filled while running
     lr: float | None = None
     search: dict[str, float] = field(default_factory=dict)
@@ -242,7 +245,7 @@ class Scheduler:
                           if d not in keys})
         if unknown:
             raise ValueError(f"experiments depend on unknown experiments {unknown}")
-        waiting = sorted(experiments, key=lambda e: -e.cost)
+        waiting = sorted(experiments, key=lambda e: (not e.first, -e.cost))
         for rank, exp in enumerate(waiting):
             exp.rank = rank
         done: dict[Hashable, Experiment] = {}
