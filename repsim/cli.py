@@ -171,6 +171,9 @@ def add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs trained in parallel processes")
     p.add_argument("--threads", type=int, help="torch threads per process (default: cores // jobs)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: tables and figures of the experiments finished so far, the others listed as "
+                        "not finished (run it beside a study that is still running)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="changes to the preset's settings")
     p.set_defaults(func=study)
 
@@ -181,7 +184,7 @@ def study(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     summary = run_study(args.preset, args.out, data_root=args.data_root or default_root(), jobs=args.jobs,
-                        threads=args.threads, device=args.device, overrides=args.overrides)
+                        threads=args.threads, device=args.device, overrides=args.overrides, report=args.report)
     print(Path(args.out, "tables.md").read_text())
     print(f"stages (s): {json.dumps(summary['timings_s'])}; total {time.perf_counter() - start:.0f} s; wrote "
           f"{args.out}/study.json, tables.md and {', '.join(summary['figures'].values())}")

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from repsim.cli import main
-from repsim.study import PRESETS, Start, Study, resolved_config, settings_with
+from repsim.study import PRESETS, Start, Study, resolved_config, run_study, settings_with
 from repsim.study.scheduler import Experiment, Scheduler, Workers
 from repsim.train.runs import find_runs, load_run
 
@@ -441,6 +441,17 @@ def test_a_collapsed_start_in_a_full_study_leaves_every_later_stage_standing(tin
     assert {(r["family"], r["a"], r["b"]) for r in summary["paired"]} == {("secondary", "ssl-simclr", "scratch")}
     tables = (out / "tables.md").read_text()
     assert "- breastmnist / unfrozen-linear: ssl − scratch: no results of ssl" in tables
-    assert "Experiments skipped (their start collapsed)" in tables and "| ssl-simclr − scratch |" in tables
+    assert "Experiments skipped (their start collapsed" in tables and "| ssl-simclr − scratch |" in tables
     assert {"fig_transfer", "fig_forest", "fig5_decapitation", "fig7_diagonal"} <= set(summary["figures"])
     assert all((out / name).is_file() for name in summary["figures"].values())
+
+    # a report beside a running study: what finished, the rest listed as not finished, nothing trained
+    (out / "finetune/scratch/breastmnist/unfrozen-linear/results.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    wall = (out / "wall.json").read_text()
+    report = run_study(s, out, data_root=tiny_root, threads=1, report=True)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == stamps and (out / "wall.json").read_text() == wall
+    assert "not finished yet" in report["skipped"]["finetune/scratch/breastmnist/unfrozen-linear"]
+    assert "unfrozen-linear" not in report["finetune"]["scratch"]["breastmnist"]
+    assert {(r["scenario"]) for r in report["paired"]} == {"frozen-linear", "frozen-stacked"}
+    assert report["primaries_not_estimated"][0]["missing"] == ["ssl", "scratch"]

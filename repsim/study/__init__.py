@@ -39,9 +39,10 @@ __all__ = ["PAPER_LR_GRID", "PRESETS", "SYNTHETIC", "Settings", "Start", "run_st
 
 def run_study(settings: Settings | str, out: str | Path, *, data_root: str | Path | None = None, jobs: int = 1,
               threads: int | None = None, device: str = "auto",
-              overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
+              overrides: Sequence[str] | Mapping[str, Any] = (), report: bool = False) -> dict[str, Any]:
     """Run (or resume) the study of ``settings`` or of the preset of that name, with ``overrides`` of its fields
-    (``"train.epochs=3"`` strings or a ``{key: value}`` mapping), in ``out``; return its summary."""
+    (``"train.epochs=3"`` strings or a ``{key: value}`` mapping), in ``out``; return its summary. ``report``: train
+    nothing, report what has finished (``Study.run``)."""
     from repsim.study.pipeline import Study
 
     if isinstance(settings, str):
@@ -49,4 +50,4 @@ def run_study(settings: Settings | str, out: str | Path, *, data_root: str | Pat
             raise ValueError(f"unknown preset {settings!r}; known: {', '.join(PRESETS)}")
         settings = PRESETS[settings]
     return Study(settings_with(settings, overrides), out, data_root=data_root, jobs=jobs, threads=threads,
-                 device=device).run()
+                 device=device).run(report=report)

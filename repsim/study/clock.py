@@ -71,11 +71,12 @@ class WallLog:
     ``tick`` (the scheduler ticks after every finished run and at least once a minute), so an invocation that is
     killed keeps its time up to its last tick."""
 
-    def __init__(self, path: Path, **about: Any) -> None:
-        self.path = path
+    def __init__(self, path: Path, record: bool = True, **about: Any) -> None:
+        self.path, self.record = path, record
         self.entries: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
-        self.entries.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **about,
-                             "seconds": 0.0, "stages": {}})
+        if record:  # else only read: a report beside a running study
+            self.entries.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **about,
+                                 "seconds": 0.0, "stages": {}})
         self._t0 = self._stage_t0 = time.perf_counter()
         self.stage = ""
 
@@ -87,11 +88,13 @@ class WallLog:
     def tick(self) -> float:
         """Record the time so far (of the invocation and of its current stage); return the current stage's."""
         now = time.perf_counter()
-        entry, stage_s = self.entries[-1], round(now - self._stage_t0, 1)
-        entry["seconds"] = round(now - self._t0, 1)
-        if self.stage:
-            entry["stages"][self.stage] = stage_s
-        write_text(self.path, json.dumps(self.entries, indent=1))
+        stage_s = round(now - self._stage_t0, 1)
+        if self.record:
+            entry = self.entries[-1]
+            entry["seconds"] = round(now - self._t0, 1)
+            if self.stage:
+                entry["stages"][self.stage] = stage_s
+            write_text(self.path, json.dumps(self.entries, indent=1))
         return stage_s
 
     def summary(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from repsim.study.clock import WallLog
 from repsim.study.outputs import write_outputs
 from repsim.study.plan import curve_ends, plan, resolved_config
 from repsim.study.results import Comparison, Results, organise
-from repsim.study.scheduler import Scheduler, Workers
+from repsim.study.scheduler import Scheduler, Workers, collect
 from repsim.study.settings import Settings
 from repsim.study.similarity import study_cka
 from repsim.study.workspace import Workspace
@@ -55,10 +55,13 @@ class Study:
                 raise ValueError(f"{self.out} holds a study with other settings ({', '.join(diff)}); use another out")
         write_text(previous, json.dumps(settings, indent=2))
 
-    def run(self) -> dict[str, Any]:
-        """Run (or resume) every stage; write figures, ``tables.md`` and ``study.json``; return the summary."""
+    def run(self, report: bool = False) -> dict[str, Any]:
+        """Run (or resume) every stage; write figures, ``tables.md`` and ``study.json``; return the summary.
+        ``report``: train nothing -- tables and figures of the experiments finished so far, the others listed as not
+        finished (beside a study still running; its wall-time log is read, not written)."""
         self._check_settings_file()
-        self.wall = WallLog(self.out / "wall.json", jobs=self.jobs, threads=self.threads)
+        self.report = report
+        self.wall = WallLog(self.out / "wall.json", record=not report, jobs=self.jobs, threads=self.threads)
         saved_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         pool = Workers(self.jobs, self.threads)
@@ -74,7 +77,9 @@ class Study:
 
     def _train(self, pool: Workers) -> Results:
         """Every trainer experiment, run by the scheduler, organised by start, target and scenario."""
-        raw = Scheduler(pool, self.data_root).run(plan(self.ws), "study runs", on_tick=self.wall.tick)
+        experiments = plan(self.ws)
+        raw = collect(experiments) if self.report else \
+            Scheduler(pool, self.data_root).run(experiments, "study runs", on_tick=self.wall.tick)
         experiments = [(st.name, t, sc) for st, t, sc in self.settings.experiments()]
         return organise(raw, experiments, curve_ends(self.ws), self.settings.curve_seeds)
 

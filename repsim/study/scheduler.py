@@ -295,3 +295,30 @@ class Scheduler:
                     results[exp.key] = self._finish(exp)
                     done[exp.key] = exp
         return results
+
+
+NOT_FINISHED = "not finished yet (a report of a study still running)"
+
+
+def collect(experiments: Sequence[Experiment]) -> dict[Any, dict[str, Any]]:
+    """What ``Scheduler.run`` would return for the experiments that have finished, reading their folders and
+    training nothing: a report beside a running study. An unfinished experiment (or one waiting for it) is
+    ``{"skipped": NOT_FINISHED}``; one after a collapsed pretraining is skipped with the collapse's reason."""
+    from repsim.train.runs import COLLAPSED, ExperimentFiles, RunFiles
+
+    results: dict[Any, dict[str, Any]] = {}
+    for exp in experiments:
+        files, run = ExperimentFiles(exp.folder), RunFiles(exp.folder)
+        if exp.kind == "pretrain":
+            marker = exp.folder / COLLAPSED
+            results[exp.key] = (run.read_summary() if run.finished() else
+                                {"collapsed": json.loads(marker.read_text())["reason"]} if marker.exists() else
+                                {"skipped": NOT_FINISHED})
+        else:
+            done = files.knn if exp.kind == "knn" else files.results
+            results[exp.key] = json.loads(done.read_text()) if done.exists() else {"skipped": NOT_FINISHED}
+    for exp in experiments:
+        collapsed = [results[d]["collapsed"] for d in exp.after if "collapsed" in results.get(d, {})]
+        if collapsed:
+            results[exp.key] = {"skipped": collapsed[0]}
+    return results

@@ -191,7 +191,7 @@ def ssl(runs: Mapping[str, Mapping[str, Mapping[str, Any]]], skipped: Mapping[st
                 parts.append(f"| {st} | {t} | {r['epochs_run']} | {r['final_loss']:.3f} ({r['chance_loss']:.3f}) | "
                              f"{'' if entropy is None else f'{entropy:.3f}'} | {r['val_effective_rank']:.1f} | ok |")
     if skipped:
-        parts += ["", "## Experiments skipped (their start collapsed)", ""]
+        parts += ["", "## Experiments skipped (their start collapsed, or not finished yet)", ""]
         parts += [f"- `{place}`: {reason}" for place, reason in skipped.items()]
     return parts
 
