@@ -77,9 +77,9 @@ class Study:
 
     def _train(self, pool: Workers) -> Results:
         """Every trainer experiment, run by the scheduler, organised by start, target and scenario."""
-        experiments = plan(self.ws)
-        raw = collect(experiments) if self.report else \
-            Scheduler(pool, self.data_root).run(experiments, "study runs", on_tick=self.wall.tick)
+        planned = plan(self.ws)
+        raw = collect(planned) if self.report else \
+            Scheduler(pool, self.data_root).run(planned, "study runs", on_tick=self.wall.tick)
         experiments = [(st.name, t, sc) for st, t, sc in self.settings.experiments()]
         return organise(raw, experiments, curve_ends(self.ws), self.settings.curve_seeds)
 
