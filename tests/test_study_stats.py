@@ -379,10 +379,13 @@ def test_ssl_starts_skipped_experiments_and_tokens_are_reported() -> None:
     runs = {"ssl": {"breastmnist": {"epochs_run": 30, "final_loss": 4.1, "chance_loss": 11.09, "teacher_entropy": 3.2,
                                     "val_effective_rank": 12.34},
                     "retinamnist": {"collapsed": "teacher entropy uniform at epoch 3"}}}
-    text = "\n".join(tables.ssl(runs, {"finetune/ssl/retinamnist/frozen-linear": "teacher entropy uniform"}))
+    skipped = {"finetune/ssl/retinamnist/frozen-linear": "teacher entropy uniform", "knn/ssl/retinamnist":
+               "teacher entropy uniform", "finetune/scratch/retinamnist/frozen-linear": "not finished yet"}
+    text = "\n".join(tables.ssl(runs, skipped))
     assert "| ssl | breastmnist | 30 | 4.100 (11.090) | 3.200 | 12.3 | ok |" in text
     assert "collapsed: teacher entropy uniform at epoch 3" in text
-    assert "- `finetune/ssl/retinamnist/frozen-linear`: teacher entropy uniform" in text
+    assert "- teacher entropy uniform (2): `finetune/ssl/retinamnist/frozen-linear`, `knn/ssl/retinamnist`" in text
+    assert "- not finished yet (1): `finetune/scratch/retinamnist/frozen-linear`" in text  # one line per reason
     assert tables.ssl({}, {}) == []
     tok = {"img_size": 224, "backbone_tokens": 49, "grid": 7, "max_grid": 4, "side": 4, "tokens": 16}
     assert "7x7 token grid at 224 px, average-pooled to 4x4 (classifier max_grid 4): it sees 16 tokens" in \

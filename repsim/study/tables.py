@@ -192,7 +192,10 @@ def ssl(runs: Mapping[str, Mapping[str, Mapping[str, Any]]], skipped: Mapping[st
                              f"{'' if entropy is None else f'{entropy:.3f}'} | {r['val_effective_rank']:.1f} | ok |")
     if skipped:
         parts += ["", "## Experiments skipped (their start collapsed, or not finished yet)", ""]
-        parts += [f"- `{place}`: {reason}" for place, reason in skipped.items()]
+        by_reason: dict[str, list[str]] = {}
+        for place, reason in skipped.items():
+            by_reason.setdefault(reason, []).append(f"`{place}`")
+        parts += [f"- {reason} ({len(places)}): {', '.join(places)}" for reason, places in by_reason.items()]
     return parts
 
 
