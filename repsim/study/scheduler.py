@@ -92,28 +92,36 @@ def _train_run(cfg: dict[str, Any], run_dir: str, data_root: str | None) -> dict
     return train_or_reuse(cfg, Path(run_dir), data_root)
 
 
+def _finished(exp_kind: str, folder: str | Path) -> dict[str, Any] | None:
+    """What an experiment folder holds when its work is done: a k-NN evaluation's ``knn.json``, a trainer
+    experiment's ``results.json``, a self-supervised run's summary or ``{"collapsed": reason}``; else None."""
+    from repsim.train.runs import COLLAPSED, ExperimentFiles, RunFiles
+
+    if exp_kind == "pretrain":
+        run = RunFiles(folder)
+        if run.finished():
+            return run.read_summary()
+        marker = run.path / COLLAPSED
+        return {"collapsed": json.loads(marker.read_text())["reason"]} if marker.exists() else None
+    done = ExperimentFiles(folder).knn if exp_kind == "knn" else ExperimentFiles(folder).results
+    return json.loads(done.read_text()) if done.exists() else None
+
+
 def _knn_run(cfg: dict[str, Any], folder: str, data_root: str | None) -> dict[str, Any]:
-    import json
-
     from repsim.train.runner import run_knn
-    from repsim.train.runs import ExperimentFiles
 
-    done = ExperimentFiles(folder).knn
-    return json.loads(done.read_text()) if done.exists() else run_knn(cfg, Path(folder), data_root=data_root)
+    return _finished("knn", folder) or run_knn(cfg, Path(folder), data_root=data_root)
 
 
 def _pretrain_run(cfg: dict[str, Any], folder: str, data_root: str | None) -> dict[str, Any]:
     """The summary of a self-supervised run (read when finished, else trained or resumed), or ``{"collapsed":
     reason}``."""
     from repsim.train.pretrain import pretrain
-    from repsim.train.runs import COLLAPSED, RunFiles
     from repsim.train.ssl import Collapsed
 
-    files = RunFiles(folder)
-    if files.finished():
-        return files.read_summary()
-    if (files.path / COLLAPSED).exists():
-        return {"collapsed": json.loads((files.path / COLLAPSED).read_text())["reason"]}
+    done = _finished("pretrain", folder)
+    if done is not None:
+        return done
     try:
         return pretrain(cfg, folder, data_root=data_root, resume=True, progress=False)
     except Collapsed as err:
@@ -304,19 +312,9 @@ def collect(experiments: Sequence[Experiment]) -> dict[Any, dict[str, Any]]:
     """What ``Scheduler.run`` would return for the experiments that have finished, reading their folders and
     training nothing: a report beside a running study. An unfinished experiment (or one waiting for it) is
     ``{"skipped": NOT_FINISHED}``; one after a collapsed pretraining is skipped with the collapse's reason."""
-    from repsim.train.runs import COLLAPSED, ExperimentFiles, RunFiles
-
     results: dict[Any, dict[str, Any]] = {}
     for exp in experiments:
-        files, run = ExperimentFiles(exp.folder), RunFiles(exp.folder)
-        if exp.kind == "pretrain":
-            marker = exp.folder / COLLAPSED
-            results[exp.key] = (run.read_summary() if run.finished() else
-                                {"collapsed": json.loads(marker.read_text())["reason"]} if marker.exists() else
-                                {"skipped": NOT_FINISHED})
-        else:
-            done = files.knn if exp.kind == "knn" else files.results
-            results[exp.key] = json.loads(done.read_text()) if done.exists() else {"skipped": NOT_FINISHED}
+        results[exp.key] = _finished(exp.kind, exp.folder) or {"skipped": NOT_FINISHED}
     for exp in experiments:
         collapsed = [results[d]["collapsed"] for d in exp.after if "collapsed" in results.get(d, {})]
         if collapsed:
