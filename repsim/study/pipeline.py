@@ -64,7 +64,7 @@ class Study:
         self.wall = WallLog(self.out / "wall.json", record=not report, jobs=self.jobs, threads=self.threads)
         saved_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        pool = Workers(self.jobs, self.threads)
+        pool = Workers(1 if report else self.jobs, self.threads)  # a report trains nothing: no worker processes
         try:
             results: Results = self._timed("train", self._train, pool)
             pool.close()
