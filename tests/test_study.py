@@ -252,6 +252,17 @@ def test_cka_adabn_before_of_a_batchnorm_backbone(tiny_root: Path, tmp_path: Pat
     assert "| breastmnist | scratch: AdaBN-before vs after (1 seed; band: 95% bootstrap CI over batches) |" in tables
 
 
+def test_report_command_beside_a_finished_study_trains_nothing(study_dir: Path, tiny_root: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`repsim study --report` on a study folder: the same tables from the finished runs, no run touched."""
+    stamps = {p: p.stat().st_mtime_ns for p in study_dir.rglob("*.pt")}
+    assert main(["study", "--preset", "tiny", "--data-root", str(tiny_root), "--out", str(study_dir), "--report",
+                 "--threads", "1", "targets=[breastmnist]"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in study_dir.rglob("*.pt")} == stamps
+    printed = capsys.readouterr().out
+    assert "## Test metric per target" in printed and "not finished yet" not in printed
+
+
 def test_rerun_reuses_everything_and_other_settings_are_refused(study_dir: Path, tiny_root: Path) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in study_dir.rglob("*") if p.suffix in (".pt", ".nc")}
     settings = replace(PRESETS["tiny"], targets=("breastmnist",))
