@@ -3,11 +3,10 @@
 An experiment is an LR search on seed 0 (one run per LR), then its other seeds at the chosen LR. Every run is its
 own task, so two workers stay busy until the last run: a run waits only for what it needs (an in-domain start's
 pretraining, the LR chosen by another experiment for a curve point). Runs are handed to the workers one at a time,
-depth first: the runs of the experiment submitted first (those marked ``first``, then the longest) go before
-those of later ones, so
-experiments finish one after another and a study stopped after some hours leaves whole experiments, not a spread of
-LR searches. Finished runs are reused (``repsim.train.runner.train_or_reuse``), so a killed study resumes where it
-stopped.
+depth first: the runs of the experiment submitted first (those marked ``first``, then the longest) go before those
+of later ones, so experiments finish one after another and a study stopped after some hours leaves whole
+experiments, not a spread of LR searches. Finished runs are reused (``repsim.train.runner.train_or_reuse``), so a
+killed study resumes where it stopped.
 """
 
 from __future__ import annotations

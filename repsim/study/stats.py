@@ -106,13 +106,18 @@ def verdict(mean: float, p_adjusted: float) -> str:
     return "helps" if mean > 0 else "hurts"
 
 
+def _ran(finetune: Mapping[str, Mapping[str, Mapping[str, Any]]], st: str, t: str, sc: str) -> bool:
+    """Whether start ``st`` has results on target ``t`` in scenario ``sc``."""
+    return sc in finetune.get(st, {}).get(t, {})
+
+
 def families(s: Settings, finetune: Mapping[str, Mapping[str, Mapping[str, Any]]]
              ) -> list[tuple[str, str, str, str, str]]:
     """The paired comparisons ``(family, a, b, target, scenario)`` both starts ran: the primaries (each declared
     ``(a, b, scenario)`` on every target), then the secondary ones, the first start minus every other start, leaving
     out those a primary already makes (in either direction)."""
     def ran(st: str, t: str, sc: str) -> bool:
-        return sc in finetune.get(st, {}).get(t, {})
+        return _ran(finetune, st, t, sc)
 
     rows = [("primary", a, b, t, sc) for a, b, sc in s.primaries for t in s.targets if ran(a, t, sc) and ran(b, t, sc)]
     declared = {(frozenset((a, b)), sc) for a, b, sc in s.primaries}
@@ -131,7 +136,7 @@ def unestimated(s: Settings, finetune: Mapping[str, Mapping[str, Mapping[str, An
     out = []
     for a, b, sc in s.primaries:
         for t in s.targets:
-            missing = [st for st in (a, b) if sc not in finetune.get(st, {}).get(t, {})]
+            missing = [st for st in (a, b) if not _ran(finetune, st, t, sc)]
             if missing:
                 out.append({"a": a, "b": b, "target": t, "scenario": sc, "missing": missing})
     return out
