@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import yaml
 
 from repsim.cli import main
@@ -466,3 +467,21 @@ def test_a_collapsed_start_in_a_full_study_leaves_every_later_stage_standing(tin
     assert "unfrozen-linear" not in report["finetune"]["scratch"]["breastmnist"]
     assert {(r["scenario"]) for r in report["paired"]} == {"frozen-linear", "frozen-stacked"}
     assert report["primaries_not_estimated"][0]["missing"] == ["ssl", "scratch"]
+
+
+def test_cka_cache_is_remade_when_its_inputs_change(tmp_path: Path) -> None:
+    """A cached matrix made from other inputs (another run; Fig 8 before every start had fine-tuned) is recomputed,
+    not read back: a report written while the study ran once froze Fig 8 with one backbone."""
+    from repsim.study.similarity import _cached
+
+    made: list[int] = []
+
+    def make(v: int) -> xr.Dataset:
+        made.append(v)
+        return xr.Dataset({"cka": ((), float(v))})
+
+    path = tmp_path / "fig8_last_block.nc"
+    _cached(path, lambda: make(1), members="mobilenetv2_imagenet")
+    assert float(_cached(path, lambda: make(2), members="mobilenetv2_imagenet")["cka"]) == 1.0  # same inputs
+    assert float(_cached(path, lambda: make(3), members="run-a, mobilenetv2_imagenet")["cka"]) == 3.0
+    assert made == [1, 3]

@@ -272,16 +272,19 @@ def fig7_diagonal(cka: Mapping[str, Matrices]) -> Figure | None:
         for ax, start in zip(row, starts):
             ax.set_title(f"{t}: {start}")
             mine = [c for c in curves if c.start in ("", start)]
-            if not any(c.start for c in mine):
-                ax.set_axis_off()  # no fine-tuned runs of this start on this target (a collapsed start)
+            if not any(c.start for c in mine):  # no fine-tuned runs of this start on this target
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"no fine-tuned {start} runs on {t}\n(its start collapsed or was skipped:\n"
+                        "see tables.md)", ha="center", va="center", fontsize=8, transform=ax.transAxes)
                 continue
             for c in mine:
                 colour, style = _CURVE_STYLE[c.figure]
-                x = np.arange(len(c.mean))
+                x = np.arange(1, len(c.mean) + 1)  # 1-based, as Fig 4/5 count blocks
                 ax.fill_between(x, c.lower, c.upper, color=colour, alpha=0.15 if c.figure == "floor" else 0.2)
                 ax.plot(x, c.mean, color=colour, linestyle=style, marker="o" if c.figure == "fig7" else None,
                         label=textwrap.fill(c.label, 48))
-            ax.set(xlabel="block", ylabel="CKA (same block)", ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
+            ax.set(xlabel=f"block k of {len(c.mean)} (1-based)", ylabel="CKA (same block)",
+                   ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=6)
     return fig

@@ -47,9 +47,14 @@ class Renormalised(nn.Module):
         return [f"backbone.{n}" for n in default_layers(self.backbone)]  # the backbone's layer_names()
 
 
-def _cached(path: Path, make: Callable[[], xr.Dataset], **attrs: Any) -> xr.Dataset:
-    if not path.exists():
-        save_netcdf(make().assign_attrs(attrs), path)
+def _cached(path: Path, make: Callable[[], xr.Dataset], **attrs: str) -> xr.Dataset:
+    """The matrix at ``path``, computed by ``make`` when the file is missing or was made from other inputs (its
+    ``attrs`` differ: another run, or Fig 8 with fewer backbones than the study now has)."""
+    if path.exists():
+        ds = load_netcdf(path)
+        if all(str(ds.attrs.get(k)) == v for k, v in attrs.items()):
+            return ds
+    save_netcdf(make().assign_attrs(attrs), path)
     return load_netcdf(path)
 
 
@@ -107,13 +112,13 @@ def _target_matrices(ws: Workspace, finetune: Mapping[str, Any], target: str,
     def between(a: Path, b: Path, labels: tuple[str, str]) -> xr.Dataset:
         return compare(load_run(a), load_run(b), loader, labels=labels, **kw)
 
+    fig8_runs = {st.name: found[0] for st in s.starts for found in [runs(st.name, "unfrozen-linear")] if found}
+
     def fig8() -> xr.Dataset:
         models: dict[str, nn.Module] = {}
-        for st in s.starts:
-            found = runs(st.name, "unfrozen-linear")
-            if found:
-                models[f"{st.name} start"] = load_run(found[0], "init")
-                models[f"{st.name} fine-tuned"] = load_run(found[0], "best")
+        for start, run in fig8_runs.items():
+            models[f"{start} start"] = load_run(run, "init")
+            models[f"{start} fine-tuned"] = load_run(run, "best")
         for name in s.fig8_models:
             other = ws.backbone(model=name, pretrained=True).eval()
             models[name] = other if ws.norm is None else Renormalised(other, (tuple(ws.norm[0]), tuple(ws.norm[1])))
@@ -122,7 +127,7 @@ def _target_matrices(ws: Workspace, finetune: Mapping[str, Any], target: str,
 
     mats: dict[Comparison, xr.Dataset] = {}
 
-    def cached(c: Comparison, make: Callable[[], xr.Dataset], **attrs: Any) -> None:
+    def cached(c: Comparison, make: Callable[[], xr.Dataset], **attrs: str) -> None:
         mats[c] = _cached(ws.cka_file(target, c), make, comparison=str(c), feature=CKA_FEATURE, **attrs)
 
     for k in range(s.reference_pairs):  # disjoint pairs: independent draws of the floor
@@ -141,6 +146,6 @@ def _target_matrices(ws: Workspace, finetune: Mapping[str, Any], target: str,
         for run in runs(stacked or "", sc)[:1]:
             cached(Comparison("figA1", stacked or "", sc), functools.partial(before_after, run, "classifier"),
                    run=str(run))
-    if s.fig8_models or any(runs(st.name, "unfrozen-linear") for st in s.starts):
-        cached(Comparison("fig8"), fig8)
+    if s.fig8_models or fig8_runs:
+        cached(Comparison("fig8"), fig8, members=", ".join([*map(str, fig8_runs.values()), *s.fig8_models]))
     return mats

@@ -223,7 +223,7 @@ def fig7(s: Settings, cka: Mapping[str, Matrices]) -> list[str]:
              f"the *floor*: two random initialisations of the backbone ({s.reference_pairs} disjoint pairs). Each "
              "cell: the mean over seeds (or pairs) [band]; the row says which band: the min–max over seeds/pairs, "
              "or with one matrix its 95% bootstrap CI over batches.", "",
-             "| Target | Curve | block 0 … last |", "|---|---|---|"]
+             "| Target | Curve | block 1 … last (1-based, as Fig 4/5) |", "|---|---|---|"]
     for t, mats in cka.items():
         for c in diagonal_groups(mats):
             cells = ", ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(c.mean, c.lower, c.upper))
