@@ -18,7 +18,7 @@ from typing import Any
 
 from repsim.lazy import lazy_exports
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
 
 if "ipykernel" in sys.modules:  # in Jupyter: silence tqdm's IProgress warning before timm can raise it
     importlib.import_module("repsim.progress")
