@@ -266,7 +266,11 @@ def heatmap_grid(
         fig.suptitle(wrap_to_figure(title, fig, 1.0, 10), fontsize=10)
     first, _ = _split(matrices[0])
     shown = ("cka" if max(first.shape) <= 12 else "none") if annotate == "auto" else annotate
-    fig.supxlabel(wrap_to_figure(caption(first, shown), fig, 1.0, 7), fontsize=7, color="0.3")
+    groups: dict[str, list[str]] = {}  # caption -> the panels it describes (panels on other data differ in n)
+    for i, m in enumerate(matrices):
+        groups.setdefault(caption(_split(m)[0], shown), []).append(titles[i] if titles else f"panel {i + 1}")
+    text = next(iter(groups)) if len(groups) == 1 else " | ".join(f"{', '.join(p)}: {c}" for c, p in groups.items())
+    fig.supxlabel(wrap_to_figure(text, fig, 1.0, 7), fontsize=7, color="0.3")
     return fig
 
 

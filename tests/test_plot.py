@@ -104,6 +104,17 @@ def test_grid_has_one_shared_colourbar() -> None:
         heatmap_grid([matrix()] * 3, titles=["a", "b"])
 
 
+def test_grid_caption_names_each_panels_samples_when_they_differ() -> None:
+    """Panels on different test sets (400 vs 156 images) must not share the first panel's ``n``."""
+    retina, breast = matrix(), matrix()
+    retina.attrs.update(n_samples=400, estimator="minibatch linear CKA")
+    breast.attrs.update(n_samples=156, estimator="minibatch linear CKA")
+    text = heatmap_grid([retina, breast], titles=["retina", "breast"]).get_supxlabel().replace("\n", " ")
+    assert "retina: minibatch linear CKA; n=400" in text and "breast: minibatch linear CKA; n=156" in text
+    same = heatmap_grid([retina, retina], titles=["a", "b"]).get_supxlabel()
+    assert same.startswith("minibatch linear CKA; n=400") and "a:" not in same
+
+
 def test_short_labels() -> None:
     assert short_labels(["blocks.1", "blocks.10", "blocks.11"]) == ["1", "10", "11"]
     assert short_labels(["model.blocks.0.attn", "model.blocks.1.attn"]) == ["0.attn", "1.attn"]

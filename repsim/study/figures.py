@@ -295,13 +295,22 @@ def _grid(panels: Sequence[tuple[str, xr.Dataset]], title: str, note: str, annot
 
     if not panels:
         return None
+    cells = max(ds.sizes.get("layer_a", 1) for _, ds in panels)  # annotated cells need room: ~0.55 in each
     return heatmap_grid([ds for _, ds in panels], titles=[p for p, _ in panels], ncols=min(len(panels), 3),
-                        title=f"{title} ({note})", annotate=annotate)
+                        title=f"{title} ({note})", annotate=annotate,
+                        panel_size=max(3.2, 0.55 * cells) if annotate != "none" else 3.2)
+
+
+def _one_based(ds: xr.Dataset) -> xr.Dataset:
+    """A block-by-block matrix with its blocks numbered 1..n, as Fig 4/5 and the Fig 7 curves count them."""
+    return ds.assign_coords(layer_a=[str(i + 1) for i in range(ds.sizes["layer_a"])],
+                            layer_b=[str(i + 1) for i in range(ds.sizes["layer_b"])]).assign_attrs(
+        axis_a="block before (1-based)", axis_b="block after (1-based)")
 
 
 def fig7(cka: Mapping[str, Matrices]) -> Figure | None:
     """Heatmaps of every block before vs after fine-tuning (seed 0), per target and start."""
-    panels = [(f"{t}: {c.start}", ds) for t, m in cka.items() for c, ds in m.items()
+    panels = [(f"{t}: {c.start}", _one_based(ds)) for t, m in cka.items() for c, ds in m.items()
               if c.figure == "fig7" and c.seeds == (0,)]
     return _grid(panels, "Fig 7: blocks before (rows) vs after (columns) fine-tuning",
                  f"colour: CKA on {CKA_FEATURE}; seed 0")
